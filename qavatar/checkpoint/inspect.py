@@ -1,0 +1,116 @@
+"""`qavatar inspect`: what a checkpoint holds, read from the headers alone (seconds, even for 32 GB)."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import QavatarError
+from ..model import ModelConfig, from_wan_config, resolve_config
+from .load import find_dit_dir, find_lora, model_shapes
+from .lora import LoraAdapter
+from .reader import CheckpointReader
+from .writer import verify_manifest
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def inspect_checkpoint(path: "str | Path", config: Optional[str] = None, verify: bool = False) -> dict[str, Any]:
+    dit_dir = find_dit_dir(path)
+    reader = CheckpointReader(dit_dir)
+    raw = reader.config
+    cfg: Optional[ModelConfig] = resolve_config(config) if config else (
+        from_wan_config(raw, name=dit_dir.name) if raw is not None else None)
+
+    by_dtype: Counter = Counter()
+    shards: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes": 0, "tensors": 0})
+    params = 0
+    for key in reader.keys():
+        numel = 1
+        for s in reader.shape(key):
+            numel *= s
+        params += numel
+        by_dtype[str(reader.dtype(key)).removeprefix("torch.")] += reader.nbytes(key)
+        f = reader.file_of(key).name
+        shards[f]["bytes"] += reader.nbytes(key)
+        shards[f]["tensors"] += 1
+
+    report: dict[str, Any] = {
+        "path": str(dit_dir),
+        "config": cfg.name if cfg else None,
+        "params": params,
+        "bytes_by_dtype": dict(by_dtype),
+        "shards": {k: dict(v) for k, v in shards.items()},
+        "index": reader.index_path.name if reader.index_path else None,
+        "quantization": (raw or {}).get("quantization_config"),
+    }
+    if cfg is not None:
+        expected = model_shapes(cfg)
+        have = set(reader.keys())
+        report["missing_keys"] = sorted(set(expected) - have)
+        report["unexpected_keys"] = sorted(have - set(expected))
+        report["shape_mismatches"] = {k: {"checkpoint": list(reader.shape(k)), "config": list(expected[k])}
+                                      for k in sorted(have & set(expected))
+                                      if tuple(reader.shape(k)) != expected[k]}
+    lora_path = find_lora(dit_dir)
+    if lora_path is not None:
+        try:
+            lora = LoraAdapter(lora_path, default_alpha=cfg.lora_alpha if cfg else None)
+            lora.validate({k: reader.shape(k) for k in reader.keys()})
+            report["lora"] = {"path": str(lora_path), "targets": len(lora.targets), "rank": lora.rank,
+                              "alpha": next(iter(lora.targets.values())).alpha, "valid": True}
+        except QavatarError as e:
+            report["lora"] = {"path": str(lora_path), "valid": False, "error": str(e)}
+    report["manifest"] = {"present": reader.has_manifest}
+    if reader.has_manifest:
+        report["manifest"]["problems"] = verify_manifest(dit_dir, hashes=verify)
+        report["manifest"]["hashes_checked"] = verify
+    report["ok"] = not (report.get("missing_keys") or report.get("unexpected_keys") or report.get("shape_mismatches")
+                        or (report.get("lora") and not report["lora"]["valid"])
+                        or report["manifest"].get("problems"))
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"checkpoint  {r['path']}",
+             f"config      {r['config'] or '(none: no config.json)'}",
+             f"parameters  {r['params']:,}",
+             "bytes       " + ", ".join(f"{k} {_human(v)}" for k, v in sorted(r["bytes_by_dtype"].items())),
+             f"shards      {len(r['shards'])}" + (f" (index {r['index']})" if r["index"] else "")]
+    for name, s in r["shards"].items():
+        lines.append(f"  {name}  {_human(s['bytes'])}, {s['tensors']} tensors")
+    if "missing_keys" in r:
+        n_bad = len(r["missing_keys"]) + len(r["unexpected_keys"]) + len(r["shape_mismatches"])
+        lines.append("keys        " + ("match the config" if not n_bad else
+                                       f"{len(r['missing_keys'])} missing, {len(r['unexpected_keys'])} unexpected, "
+                                       f"{len(r['shape_mismatches'])} wrong shape"))
+        for k in r["missing_keys"][:10]:
+            lines.append(f"  missing     {k}")
+        for k in r["unexpected_keys"][:10]:
+            lines.append(f"  unexpected  {k}")
+        for k, v in list(r["shape_mismatches"].items())[:10]:
+            lines.append(f"  shape       {k}: checkpoint {v['checkpoint']} vs config {v['config']}")
+    q = r.get("quantization")
+    lines.append("quantized   " + (f"{q.get('quant_method', '?')} {q.get('format', '')}".strip() if q else
+                                   "no (full precision weights)"))
+    lora = r.get("lora")
+    if lora is None:
+        lines.append("lora        none found next to the checkpoint")
+    elif lora["valid"]:
+        lines.append(f"lora        {lora['path']}: {lora['targets']} targets, rank {lora['rank']}, alpha {lora['alpha']:g}")
+    else:
+        lines.append(f"lora        INVALID: {lora['error']}")
+    m = r["manifest"]
+    if not m["present"]:
+        lines.append("manifest    none (not written by qavatar)")
+    else:
+        state = "; ".join(m["problems"]) if m["problems"] else (
+            "sha256 verified" if m["hashes_checked"] else "sizes match (use --verify to hash)")
+        lines.append(f"manifest    {state}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""From a checkpoint directory to a ready model: find the parts, check them against the config, load.
+
+The model is built on the meta device and each tensor is read (LoRA merged in, cast) and assigned in turn,
+so no second copy of the weights ever exists.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..errors import CheckpointError
+from ..model import LiveAvatarDiT, ModelConfig, build_model, from_wan_config
+from ..parallel import SINGLE, TPGroup
+from .lora import LoraAdapter, MergedWeights
+from .reader import CheckpointReader
+
+DIT_DIRNAME = "Wan2.2-S2V-14B"
+LORA_RELPATH = Path("LiveAvatar") / "liveavatar.safetensors"
+
+Weights = Union[CheckpointReader, MergedWeights]
+
+
+def find_dit_dir(path: "str | Path") -> Path:
+    """The DiT directory: PATH itself, or PATH/Wan2.2-S2V-14B (the `ckpt/` root users download into)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if path.is_dir() and not (path / "config.json").is_file() and (path / DIT_DIRNAME).is_dir():
+        path = path / DIT_DIRNAME
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (expected the Wan2.2-S2V-14B directory)")
+    return path
+
+
+def find_lora(dit_dir: Path) -> Optional[Path]:
+    """liveavatar.safetensors next to the DiT (ckpt/LiveAvatar/) or inside it; None if there is none."""
+    for p in (dit_dir.parent / LORA_RELPATH, dit_dir / LORA_RELPATH.name, dit_dir / LORA_RELPATH):
+        if p.is_file():
+            return p
+    return None
+
+
+def model_shapes(cfg: ModelConfig, tp: TPGroup = SINGLE) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = build_model(cfg, tp)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_keys(weights: Weights, expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Raise CheckpointError naming missing / unexpected keys and shape mismatches (with their files)."""
+    have = set(weights.keys())
+    missing = sorted(set(expected) - have)
+    unexpected = sorted(have - set(expected))
+    base = weights.base if isinstance(weights, MergedWeights) else weights
+    wrong = [f"{k}: {list(base.shape(k))} in {base.file_of(k).name}, config wants {list(expected[k])}"
+             for k in sorted(have & set(expected)) if tuple(base.shape(k)) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches ({'; '.join(wrong[:3])})")
+    if problems:
+        raise CheckpointError(f"{where} does not match its config: " + "; ".join(problems))
+
+
+def open_weights(path: "str | Path", lora: "str | Path | bool | None" = True,
+                 lora_alpha: Optional[float] = None, config: Optional[ModelConfig] = None
+                 ) -> tuple[Weights, ModelConfig, Optional[Path]]:
+    """Open the DiT weights (with the LoRA merged on read when there is one) and their config.
+
+    lora=True finds liveavatar.safetensors next to the checkpoint (none is fine), a path uses that file,
+    False/None loads the base weights alone.
+    """
+    dit_dir = find_dit_dir(path)
+    reader = CheckpointReader(dit_dir)
+    if config is None:
+        raw = reader.config
+        if raw is None:
+            raise CheckpointError(f"{dit_dir}: no config.json")
+        config = from_wan_config(raw, name=dit_dir.name)
+    lora_path: Optional[Path] = None
+    if lora is True:
+        lora_path = find_lora(dit_dir)
+    elif lora:
+        lora_path = Path(lora)
+        if not lora_path.is_file():
+            raise CheckpointError(f"{lora_path}: LoRA file not found")
+    weights: Weights = reader
+    if lora_path is not None:
+        weights = MergedWeights(reader, LoraAdapter(lora_path, alpha=lora_alpha, default_alpha=config.lora_alpha))
+    return weights, config, lora_path
+
+
+def load_dit(path: "str | Path", dtype: torch.dtype = torch.float32, device: "str | torch.device" = "cpu",
+             lora: "str | Path | bool | None" = True, lora_alpha: Optional[float] = None) -> LiveAvatarDiT:
+    """Load the whole (unsharded, unquantized) DiT with the LoRA merged."""
+    weights, cfg, _ = open_weights(path, lora, lora_alpha)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(weights, expected, str(find_dit_dir(path)))
+    state = {k: weights.get(k).to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()

@@ -1,0 +1,153 @@
+"""The Live Avatar LoRA (liveavatar.safetensors): parsing, validation and merging into the base weights.
+
+Keys follow PEFT: `[base_model.model.]<module>.lora_A[.<adapter>].weight` ([rank, in]) and `lora_B` ([out, rank]);
+kohya's lora_down/lora_up/alpha names are read too. W' = W + (alpha / rank) * B @ A, accumulated in fp32 and
+cast back to W's dtype. The merge works on slices as well, so a tensor-parallel rank merges only its rows
+(column-parallel: B[rows] @ A) or columns (row-parallel: B @ A[:, cols]) and never builds a full weight.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import LoraError
+from .reader import CheckpointReader
+
+_KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[\w\-]+))?\.weight$")
+_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
+_PREFIXES = ("base_model.model.", "diffusion_model.", "model.")
+_KIND = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
+
+
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+@dataclass
+class LoraTarget:
+    module: str
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraAdapter:
+    def __init__(self, path: "str | Path", alpha: Optional[float] = None, default_alpha: Optional[float] = None):
+        """alpha: explicit override; else a per-module `alpha` tensor, the file's `lora_alpha` metadata, or
+        default_alpha (the model preset's value: 64 for Live Avatar's rank-128 LoRA)."""
+        self.path = Path(path)
+        self.reader = CheckpointReader(self.path)
+        meta = next(iter(self.reader.metadata.values()), {})
+        file_alpha = meta.get("lora_alpha") or meta.get("alpha")
+        pairs: dict[str, dict[str, str]] = {}
+        alphas: dict[str, float] = {}
+        for key in self.reader.keys():
+            m = _KEY.match(key)
+            if m:
+                slot = pairs.setdefault(_strip(m["module"]), {})
+                kind = _KIND[m["kind"]]
+                if kind in slot:
+                    raise LoraError(f"{self.path}: two {m['kind']} tensors for {m['module']} ({slot[kind]}, {key}); "
+                                    f"several adapters in one file are not supported")
+                slot[kind] = key
+            elif (a := _ALPHA.match(key)) is not None:
+                alphas[_strip(a["module"])] = float(self.reader.get(key).float().item())
+            else:
+                raise LoraError(f"{self.path}: unexpected key {key!r} (not a LoRA A/B/alpha tensor)")
+        if not pairs:
+            raise LoraError(f"{self.path}: no LoRA tensors (expected PEFT keys like '<module>.lora_A.weight')")
+        self.targets: dict[str, LoraTarget] = {}
+        for module, slot in sorted(pairs.items()):
+            if set(slot) != {"A", "B"}:
+                raise LoraError(f"{self.path}: {module} has only lora_{'A' if 'A' in slot else 'B'}")
+            a_shape, b_shape = self.reader.shape(slot["A"]), self.reader.shape(slot["B"])
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise LoraError(f"{self.path}: {module} lora_A {list(a_shape)} and lora_B {list(b_shape)} "
+                                f"do not share a rank")
+            chosen = alpha if alpha is not None else alphas.get(module, file_alpha or default_alpha)
+            if chosen is None:
+                raise LoraError(f"{self.path}: LoRA alpha unknown (no metadata); pass --lora-alpha")
+            self.targets[module] = LoraTarget(module, slot["A"], slot["B"], a_shape[0], float(chosen))
+
+    @property
+    def weight_keys(self) -> set[str]:
+        return {f"{m}.weight" for m in self.targets}
+
+    @property
+    def rank(self) -> int:
+        return max(t.rank for t in self.targets.values())
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    def validate(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Every target must be a 2-D weight of the base model with matching in/out sizes."""
+        for t in self.targets.values():
+            key = f"{t.module}.weight"
+            if key not in base_shapes:
+                raise LoraError(f"{self.path}: LoRA targets {t.module!r} ({t.a_key}), which the model does not have")
+            out_f, in_f = self.reader.shape(t.b_key)[0], self.reader.shape(t.a_key)[1]
+            if tuple(base_shapes[key]) != (out_f, in_f):
+                raise LoraError(f"{self.path}: LoRA for {t.module} is [{out_f}, {in_f}] but {key} is "
+                                f"{list(base_shapes[key])}")
+
+    def delta(self, module: str, dim: Optional[int] = None, start: int = 0, stop: int = 0) -> torch.Tensor:
+        """scale * B @ A in fp32, optionally only output rows (dim 0) or input columns (dim 1) [start, stop)."""
+        t = self.targets[module]
+        b = self.reader.get_slice(t.b_key, 0, start, stop) if dim == 0 else self.reader.get(t.b_key)
+        a = self.reader.get_slice(t.a_key, 1, start, stop) if dim == 1 else self.reader.get(t.a_key)
+        return (b.float() @ a.float()) * t.scale
+
+
+class MergedWeights:
+    """A CheckpointReader-like view of base weights with a LoRA merged in on read (whole tensors or slices)."""
+
+    def __init__(self, base: CheckpointReader, lora: LoraAdapter):
+        lora.validate({k: base.shape(k) for k in base.keys()})
+        self.base, self.lora = base, lora
+        self._targets = {f"{m}.weight": m for m in lora.targets}
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.base
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.base.dtype(key)
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def bytes_read(self) -> int:
+        return self.base.bytes_read + self.lora.bytes_read
+
+    def get(self, key: str) -> torch.Tensor:
+        w = self.base.get(key)
+        if key not in self._targets:
+            return w
+        return (w.float() + self.lora.delta(self._targets[key])).to(w.dtype)
+
+    def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        w = self.base.get_slice(key, dim, start, stop)
+        if key not in self._targets:
+            return w
+        return (w.float() + self.lora.delta(self._targets[key], dim, start, stop)).to(w.dtype)

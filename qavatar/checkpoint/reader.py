@@ -1,0 +1,156 @@
+"""Reading (sharded) safetensors checkpoints lazily: one tensor, a set of keys, or a slice of a tensor.
+
+Nothing is loaded at open time except the headers, which are validated (missing shards, truncated files,
+keys the index promises but a shard lacks). Tensors are read through safetensors' mmap, so a slice reads
+only its own bytes; `bytes_read` counts them (the tensor-parallel loader proves with it that a rank reads
+only its share).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from .safetensors_format import HeaderEntry, read_header
+from .writer import MANIFEST, PARTIAL_MARK
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+class CheckpointReader:
+    def __init__(self, path: "str | Path"):
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such checkpoint file or directory")
+        if PARTIAL_MARK in path.name:
+            raise CheckpointError(f"{path}: an interrupted write left this incomplete directory; delete it and "
+                                  f"run the command again")
+        self.directory = path if path.is_dir() else path.parent
+        self.index_path: Optional[Path] = None
+        weight_map: Optional[dict[str, str]] = None
+        if path.is_file():
+            files = [path]
+        else:
+            indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+            if len(indexes) > 1:
+                raise CheckpointError(f"{path}: several index files {[p.name for p in indexes]}; keep one")
+            if indexes:
+                self.index_path = indexes[0]
+                try:
+                    weight_map = json.loads(self.index_path.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CheckpointError(f"{self.index_path}: not a valid safetensors index (no weight_map)") from None
+                files = [path / name for name in dict.fromkeys(weight_map.values())]
+                for f in files:
+                    if not f.is_file():
+                        held = [k for k, v in weight_map.items() if v == f.name]
+                        raise CheckpointError(f"{f}: shard listed in {self.index_path.name} is missing (it holds "
+                                              f"{held[0]!r} and {len(held) - 1} more tensors); re-download it")
+            else:
+                files = sorted(path.glob("*.safetensors"))
+                if not files:
+                    raise CheckpointError(f"{path}: no .safetensors files")
+                if len(files) > 1:
+                    raise CheckpointError(f"{path}: {len(files)} .safetensors files but no {INDEX_SUFFIX}")
+        self.files = files
+        self.entries: dict[str, tuple[Path, HeaderEntry]] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+        for f in files:
+            entries, meta, _ = read_header(f)
+            self.metadata[f.name] = meta
+            for key, e in entries.items():
+                if weight_map is not None and weight_map.get(key) != f.name:
+                    raise CheckpointError(f"{f}: holds {key!r}, which {self.index_path.name} "
+                                          f"{'puts in ' + weight_map[key] if key in weight_map else 'does not list'}")
+                if key in self.entries:
+                    raise CheckpointError(f"{f}: tensor {key!r} is also in {self.entries[key][0].name}")
+                self.entries[key] = (f, e)
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in self.entries]
+            if lost:
+                raise CheckpointError(f"{self.directory / weight_map[lost[0]]}: lacks {lost[0]!r} "
+                                      f"(and {len(lost) - 1} more) promised by {self.index_path.name}")
+        self._handles: dict[Path, Any] = {}
+        self.bytes_read = 0
+
+    # -------------------------------------------------------------- metadata
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def _entry(self, key: str) -> tuple[Path, HeaderEntry]:
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise CheckpointError(f"{self.directory}: checkpoint has no tensor {key!r}") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entry(key)[1].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entry(key)[1].dtype
+
+    def nbytes(self, key: str) -> int:
+        e = self._entry(key)[1]
+        return e.end - e.begin
+
+    def file_of(self, key: str) -> Path:
+        return self._entry(key)[0]
+
+    @property
+    def config(self) -> Optional[dict]:
+        p = self.directory / "config.json"
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+
+    @property
+    def has_manifest(self) -> bool:
+        return (self.directory / MANIFEST).is_file()
+
+    # -------------------------------------------------------------- tensors
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error type
+                raise CheckpointError(f"{f}: cannot open ({e})") from None
+        return self._handles[f]
+
+    def get(self, key: str) -> torch.Tensor:
+        f, e = self._entry(key)
+        t = self._handle(f).get_tensor(key)
+        self.bytes_read += e.end - e.begin
+        return t
+
+    def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `key` along `dim`, reading only those bytes."""
+        f, e = self._entry(key)
+        if not (0 <= start <= stop <= e.shape[dim]):
+            raise CheckpointError(f"{key}: slice [{start}:{stop}] outside dim {dim} of size {e.shape[dim]}")
+        index = tuple(slice(None) if d != dim else slice(start, stop) for d in range(len(e.shape)))
+        t = self._handle(f).get_slice(key)[index]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def iter_tensors(self, keys: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in (self.keys() if keys is None else keys):
+            yield k, self.get(k)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""Streaming caches: the shared condition sink and one rolling self-attention cache per denoising step.
+
+Sink:    K (un-roped) and V of the condition tokens [reference image | FramePack motion], prefilled once at
+         t=0. Every streaming call re-ropes the sink keys, with the reference tokens moved forward in time
+         (the sink offset), so the reference stays a fixed distance behind the frames being generated.
+Rolling: roped K and V of generated tokens at their absolute positions, a window of one clip
+         (clip_latent_frames * tokens_per_frame), written modulo the window once it is full.
+The reference keeps one rolling cache per denoising step (step i always reads and writes cache i).
+Caches hold this rank's heads only, so they shard with tensor parallelism.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .rope import apply_rope
+
+
+@dataclass
+class SinkCache:
+    num_layers: int
+    k: list[Optional[torch.Tensor]] = field(default_factory=list)  # per layer [B, Lc, H, d], un-roped
+    v: list[Optional[torch.Tensor]] = field(default_factory=list)
+    positions: Optional[torch.Tensor] = None  # [Lc, 3] RoPE positions at prefill time
+    num_ref_tokens: int = 0  # the first tokens are the reference image; only they move with the offset
+
+    def __post_init__(self) -> None:
+        self.k = [None] * self.num_layers
+        self.v = [None] * self.num_layers
+
+    @property
+    def ready(self) -> bool:
+        return self.positions is not None and all(t is not None for t in self.k)
+
+    def shifted_positions(self, frames: int) -> torch.Tensor:
+        """Sink positions with the reference tokens moved `frames` latent frames forward (motion stays)."""
+        pos = self.positions.clone()
+        pos[: self.num_ref_tokens, 0] += frames
+        return pos
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class RollingKVCache:
+    """Self-attention K/V for one denoising step: [layers, B, window, heads, head_dim] for K and for V."""
+
+    def __init__(self, num_layers: int, batch: int, window: int, heads: int, head_dim: int,
+                 dtype: torch.dtype, device: "torch.device | str" = "cpu"):
+        shape = (num_layers, batch, window, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.window = window
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v of tokens [start, start+L) (absolute) and return the K/V rows attention sees."""
+        n = k.shape[1]
+        if start >= self.window:  # window full: overwrite the oldest rows, attend to all of them
+            slot, active = start % self.window, self.window
+        else:
+            slot, active = start, start + n
+        if slot + n > self.window:
+            raise ValueError(f"block of {n} tokens at {slot} overflows the {self.window}-token KV window")
+        self.k[layer, :, slot:slot + n] = k
+        self.v[layer, :, slot:slot + n] = v
+        return self.k[layer, :, :active], self.v[layer, :, :active]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class LayerKV:
+    """What one block's self-attention sees of the caches during one forward call."""
+
+    def __init__(self, mode: str, layer: int, sink: SinkCache, rolling: Optional[RollingKVCache] = None,
+                 start: int = 0, sink_rope: Optional[torch.Tensor] = None):
+        self.mode, self.layer, self.sink, self.rolling = mode, layer, sink, rolling
+        self.start, self.sink_rope = start, sink_rope
+
+    def store_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.sink.k[self.layer] = k.detach().clone()
+        self.sink.v[self.layer] = v.detach().clone()
+
+    def append(self, k_roped: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.rolling.write(self.layer, self.start, k_roped.to(self.rolling.k.dtype),
+                                          v.to(self.rolling.v.dtype))
+        sink_k = apply_rope(self.sink.k[self.layer], self.sink_rope).type_as(v)
+        keys = torch.cat([keys.type_as(v), sink_k], dim=1)
+        values = torch.cat([values.type_as(v), self.sink.v[self.layer].type_as(v)], dim=1)
+        return keys, values

@@ -1,0 +1,38 @@
+"""The tensor-parallel group seen by the model.
+
+Modules take a TPGroup and call `tp.all_reduce(...)` on the line where a collective happens. With one rank
+(SINGLE) every collective is the identity, so the single-GPU model is the same code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    process_group: Any = None  # a torch.distributed ProcessGroup when size > 1
+
+    def shard(self, n: int, what: str) -> int:
+        """Size of this rank's slice of n (heads, features); n must divide evenly."""
+        if n % self.size:
+            raise ConfigError(f"{what}={n} is not divisible by the tensor-parallel degree {self.size}")
+        return n // self.size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks of the group (in place), returning it."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.process_group)
+        return x
+
+
+SINGLE = TPGroup()
