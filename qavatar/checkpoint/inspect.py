@@ -90,12 +90,13 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("keys        " + ("match the config" if not n_bad else
                                        f"{len(r['missing_keys'])} missing, {len(r['unexpected_keys'])} unexpected, "
                                        f"{len(r['shape_mismatches'])} wrong shape"))
-        for k in r["missing_keys"][:10]:
-            lines.append(f"  missing     {k}")
-        for k in r["unexpected_keys"][:10]:
-            lines.append(f"  unexpected  {k}")
-        for k, v in list(r["shape_mismatches"].items())[:10]:
-            lines.append(f"  shape       {k}: checkpoint {v['checkpoint']} vs config {v['config']}")
+        shown = 10
+        for label, items in (("missing   ", r["missing_keys"]), ("unexpected", r["unexpected_keys"]),
+                             ("shape     ", [f"{k}: checkpoint {v['checkpoint']} vs config {v['config']}"
+                                             for k, v in r["shape_mismatches"].items()])):
+            lines += [f"  {label}  {k}" for k in items[:shown]]
+            if len(items) > shown:
+                lines.append(f"  {label}  ... and {len(items) - shown} more (--json lists all)")
     q = r.get("quantization")
     lines.append("quantized   " + (f"{q.get('quant_method', '?')} {q.get('format', '')}".strip() if q else
                                    "no (full precision weights)"))

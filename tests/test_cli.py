@@ -1,0 +1,67 @@
+"""The command line as a user drives it: outputs, exit codes, one-line errors."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import REPO
+from qavatar.cli import app
+
+runner = CliRunner()
+
+
+def test_toy_checkpoint_then_inspect(tmp_path):
+    out = tmp_path / "ckpt"
+    r = runner.invoke(app, ["toy-checkpoint", str(out), "--config", "tiny", "--seed", "2"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["toy-checkpoint", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 0, r.output
+    assert "keys        match the config" in r.output and "sha256 verified" in r.output
+    assert re.search(r"parameters  [\d,]+", r.output)
+    r = runner.invoke(app, ["inspect", str(out / "Wan2.2-S2V-14B"), "--json"])
+    report = json.loads(r.output)
+    assert report["ok"] and report["lora"]["targets"] == 52 and len(report["shards"]) == 4
+
+
+def test_inspect_against_another_config_lists_mismatches(tmp_path):
+    out = tmp_path / "ckpt"
+    runner.invoke(app, ["toy-checkpoint", str(out)])
+    r = runner.invoke(app, ["inspect", str(out), "--config", "liveavatar-14b"])
+    assert r.exit_code == 1
+    assert "keys        1080 missing, 0 unexpected, 178 wrong shape" in r.output
+    assert "shape       audio_injector.injector.0.k.bias: checkpoint [64] vs config [5120]" in r.output
+    assert "missing     ... and 1070 more" in r.output
+
+
+def test_errors_are_one_line(tmp_path):
+    r = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
+    assert r.exit_code == 2
+    assert r.output.strip() == f"error: {tmp_path / 'missing'}: no such checkpoint directory"
+
+
+def test_demo_runs_and_writes_latents(tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert r.exit_code == 0, r.output
+    latents = load_file(tmp_path / "demo" / "latents.safetensors")["latents"]
+    assert latents.shape == (1, 16, 12, 32, 16)
+    assert "random" in r.output
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])  # a second run reuses the checkpoint
+    assert r.exit_code == 0 and "reusing toy checkpoint" in r.output
+    assert not list((tmp_path / "demo").glob(".*partial*"))
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "qavatar.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "check-parity" in r.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    blocks = re.findall(r"```bash\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)
+    assert "qavatar demo" in blocks[0] and blocks[1].endswith("pytest")
+    assert blocks[1] in (REPO / ".ci" / "run").read_text()
