@@ -1,3 +1,4 @@
+import hashlib
 import os
 from pathlib import Path
 
@@ -8,12 +9,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fixture_dirs() -> list[Path]:
-    """Every reference fixture: $QAVATAR_FIXTURES, else ../shared/fixtures beside the checkout."""
-    root = Path(os.environ.get("QAVATAR_FIXTURES", REPO.parent / "shared" / "fixtures"))
-    dirs = sorted(p for p in root.glob("*") if (p / "cases.json").is_file())
-    if not dirs:
-        raise RuntimeError(f"no parity fixtures under {root}; set QAVATAR_FIXTURES")
-    return dirs
+    """Every reference fixture: ../shared/fixtures beside the checkout (or shared/ inside it), $QAVATAR_FIXTURES,
+    and the copy vendored in tests/fixtures (so a clone anywhere still checks parity). Same fixture counted once."""
+    roots = [Path(p) for p in os.environ.get("QAVATAR_FIXTURES", "").split(os.pathsep) if p]
+    roots += [REPO.parent / "shared" / "fixtures", REPO / "shared" / "fixtures", REPO / "tests" / "fixtures"]
+    found: dict[bytes, Path] = {}
+    for root in roots:
+        for p in sorted(root.glob("*")):
+            if (p / "cases.json").is_file():
+                found.setdefault(hashlib.sha256((p / "cases.json").read_bytes()).digest(), p)
+    if not found:
+        raise RuntimeError(f"no parity fixtures under {roots}; set QAVATAR_FIXTURES")
+    return list(found.values())
 
 
 @pytest.fixture(scope="session")
