@@ -25,13 +25,13 @@ class TPGroup:
             raise ConfigError(f"{what}={n} is not divisible by the tensor-parallel degree {self.size}")
         return n // self.size
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks of the group (in place), returning it."""
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce x over the ranks of the group (in place, "sum" or "max"), returning it."""
         if self.size == 1:
             return x
         import torch.distributed as dist
 
-        dist.all_reduce(x, group=self.process_group)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.process_group)
         return x
 
 

@@ -1,0 +1,101 @@
+"""Quantizers and the 8-bit matmul paths, chosen per device. The checkpoint format never depends on them.
+
+Measured on the 2-core AVX2 CPU of CI (256x5120 @ 5120x5120, docs/quantization.md): fp32 F.linear 190 ms;
+per-token int8 with int32 accumulation: torch._int_mm 4.1 s, bitsandbytes int8_linear_matmul 240-340 ms,
+dequantize-then-fp32 390 ms. So on CPU int8 W8A8 uses bitsandbytes when installed, else the exact
+dequantize path. On CUDA it uses torch._int_mm (int8 tensor cores), fp8 uses torch._scaled_mm with rowwise
+scales on sm89+, and fp8 elsewhere falls back to weight-only, saying so once.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import QMAX
+
+FP8 = torch.float8_e4m3fn
+_EPS = 1e-12
+_noticed: set[str] = set()
+
+
+def notice_once(msg: str) -> None:
+    """One line on stderr, once per process (quiet fallbacks are bugs)."""
+    if msg not in _noticed:
+        _noticed.add(msg)
+        print(f"qavatar: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- quantizers
+def quantize_weight(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization: (q [out, in] in dtype, scale [out, 1] fp32)."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / QMAX[dtype]).clamp(min=_EPS)
+    return _to_q(wf / scale, dtype), scale
+
+
+def _to_q(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    qmax = QMAX[dtype]
+    if dtype == torch.int8:
+        return x.round().clamp(-qmax, qmax).to(torch.int8)
+    return x.clamp(-qmax, qmax).to(dtype)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.to(torch.float32) * scale).to(dtype)
+
+
+def token_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-row absmax [M, 1] in fp32 (tensor-parallel callers all-reduce it with max across ranks)."""
+    return x.float().abs().amax(dim=1, keepdim=True)
+
+
+def quantize_activation(x: torch.Tensor, dtype: torch.dtype, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize rows of x [M, K] with per-row (or a broadcast per-tensor) absmax -> (q, scale fp32)."""
+    scale = (absmax.float() / QMAX[dtype]).clamp(min=_EPS)
+    return _to_q(x.float() / scale, dtype), scale
+
+
+# ---------------------------------------------------------------------------- device abilities
+def fp8_matmul_supported(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as bnbf  # noqa: F401
+
+        return bnbf
+    except Exception:  # not installed, or no native library for this platform
+        return None
+
+
+# ---------------------------------------------------------------------------- matmuls (no bias)
+def int8_matmul(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, kernel: str) -> torch.Tensor:
+    """(xq * sx) @ (wq * sw)^T with int8 inputs and int32 accumulation; returns fp32 [M, N]."""
+    if kernel == "int_mm":
+        acc = torch._int_mm(xq, wq.t())
+    elif kernel == "bnb":
+        acc = _bnb().int8_linear_matmul(xq, wq)
+    else:  # "dequant": fp32 products of integers, exact up to fp32 rounding of the sums
+        acc = F.linear(xq.float(), wq.float())
+    return acc.float() * sx * sw.t()
+
+
+def fp8_matmul(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """torch._scaled_mm with rowwise scales (sm89+): e4m3 x e4m3 -> out_dtype [M, N]."""
+    return torch._scaled_mm(xq, wq.t(), scale_a=sx.float(), scale_b=sw.float().t(), out_dtype=out_dtype)
+
+
+def pick_int8_kernel(device: torch.device, m: int, k: int, n: int, override: Optional[str] = None) -> str:
+    if override:
+        return override
+    if device.type == "cuda":
+        # cuBLAS int8 GEMM wants M > 16 and K, N multiples of 8
+        return "int_mm" if m > 16 and k % 8 == 0 and n % 8 == 0 else "dequant"
+    return "bnb" if _bnb() is not None else "dequant"

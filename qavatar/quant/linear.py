@@ -1,0 +1,123 @@
+"""QuantLinear: plain tensors named like the checkpoint keys, and a short forward.
+
+    weight        int8 or float8_e4m3fn [out, in]
+    weight_scale  fp32 [out, 1]            per output channel
+    bias          compute dtype [out]
+    input_scale   fp32 [1] or [slots]      static activations only (per-tensor, or one per sampler step)
+    smooth_scale  fp32 [in]                SmoothQuant divisor applied to the input, when not folded away
+
+A row-parallel layer (o, ffn.2) all-reduces its partial output before adding the bias, and with dynamic
+per-token activations it first all-reduces the per-token absmax (max), so every rank quantizes a token with
+the scale the unsharded layer would use.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel import SINGLE, TPGroup
+from .config import QuantConfig
+from .kernels import (FP8, dequantize_weight, fp8_matmul, fp8_matmul_supported, int8_matmul, notice_once,
+                      pick_int8_kernel, quantize_activation, token_absmax)
+
+# Which static input scale applies now: set by the sampler around each call (None: the max over all slots).
+_SLOT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("qavatar_scale_slot", default=None)
+
+
+@contextlib.contextmanager
+def scale_slot(slot: Optional[int]) -> Iterator[None]:
+    token = _SLOT.set(slot)
+    try:
+        yield
+    finally:
+        _SLOT.reset(token)
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: bool = True,
+                 row_parallel: bool = False, tp: TPGroup = SINGLE, static_slots: int = 0, smooth: bool = False,
+                 bias_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        self.row_parallel, self.tp = row_parallel, tp
+        kw = {"device": device}
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=config.weight_dtype, **kw))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, **kw))
+        self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, **kw) if bias else None)
+        self.register_buffer("input_scale", torch.empty(static_slots, dtype=torch.float32, **kw)
+                             if static_slots else None)
+        self.register_buffer("smooth_scale", torch.empty(in_features, dtype=torch.float32, **kw) if smooth else None)
+        self.kernel_override: Optional[str] = None  # tests pin a kernel ("dequant", "bnb", "int_mm", "emulate")
+
+    def extra_repr(self) -> str:
+        extra = []
+        if self.input_scale is not None:
+            extra.append(f"static[{self.input_scale.numel()}]")
+        if self.smooth_scale is not None:
+            extra.append("smoothed")
+        if self.row_parallel:
+            extra.append(f"row-parallel tp={self.tp.size}")
+        return f"{self.in_features}, {self.out_features}, {self.config.precision}" + "".join(f", {e}" for e in extra)
+
+    def _activation_absmax(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:  # static: a calibrated per-tensor scale
+            slot = _SLOT.get()
+            s = self.input_scale.max() if slot is None or self.input_scale.numel() == 1 else self.input_scale[slot]
+            return (s * self.config.qmax).reshape(1, 1)
+        absmax = token_absmax(x)
+        if self.row_parallel and self.tp.size > 1:
+            absmax = self.tp.all_reduce(absmax, op="max")  # the scale the unsharded layer would use
+        return absmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.smooth_scale is not None:
+            x2 = x2 / self.smooth_scale.to(x2.dtype)
+        y = self._matmul(x2)
+        if self.row_parallel and self.tp.size > 1:
+            y = self.tp.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        cfg, wq, sw = self.config, self.weight, self.weight_scale
+        compute = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        if cfg.weight_only:
+            return F.linear(x.to(compute), dequantize_weight(wq, sw, compute))
+        if cfg.weight_dtype == torch.int8:
+            kernel = pick_int8_kernel(x.device, x.shape[0], self.in_features, self.out_features, self.kernel_override)
+            xq, sx = quantize_activation(x, torch.int8, self._activation_absmax(x))
+            return int8_matmul(xq, sx, wq, sw, "dequant" if kernel == "emulate" else kernel)
+        # fp8 W8A8
+        if self.kernel_override == "emulate":  # the sm89 numerics, computed in fp32 (tests on CPU)
+            xq, sx = quantize_activation(x, FP8, self._activation_absmax(x))
+            return F.linear(xq.float() * sx, dequantize_weight(wq, sw))
+        if fp8_matmul_supported(x.device):
+            xq, sx = quantize_activation(x, FP8, self._activation_absmax(x))
+            sx = sx.expand(x.shape[0], 1).contiguous()
+            return fp8_matmul(xq, sx, wq, sw, torch.bfloat16)
+        notice_once(f"fp8 activations need an sm89+ GPU; on {x.device.type} the fp8 checkpoint runs weight-only "
+                    f"(weights dequantized to {str(compute).removeprefix('torch.')})")
+        return F.linear(x.to(compute), dequantize_weight(wq, sw, compute))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: QuantConfig, row_parallel: bool = False,
+                   tp: TPGroup = SINGLE) -> "QuantLinear":
+        """Quantize a float Linear's weight (per channel); bias kept in the Linear's dtype."""
+        q = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None,
+                row_parallel=row_parallel, tp=tp, bias_dtype=linear.weight.dtype, device=linear.weight.device)
+        from .kernels import quantize_weight
+
+        wq, sw = quantize_weight(linear.weight.detach(), config.weight_dtype)
+        q.weight.copy_(wq)
+        q.weight_scale.copy_(sw)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
