@@ -68,6 +68,62 @@ def check_parity(fixture: Path = typer.Argument(..., help="Fixture directory (co
         raise typer.Exit(1)
 
 
+def parse_bytes(text: str) -> int:
+    """'5GB', '512MiB', '1000000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise QavatarError(f"cannot read size {text!r}; use e.g. 24GiB, 5GB or 512MB") from None
+
+
+@app.command()
+def quantize(ckpt: Path = typer.Argument(..., help="bf16 checkpoint (Wan2.2-S2V-14B dir or the ckpt/ root)."),
+             out: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+             precision: str = typer.Option("int8", help="int8 | fp8 | int8-wo | fp8-wo"),
+             calibration: Optional[str] = typer.Option(None, help="Calibration set dir or manifest; 'none' skips "
+                                                                   "calibration (dynamic schemes only). Default: "
+                                                                   "the bundled set."),
+             activations: str = typer.Option("dynamic", help="dynamic (per-token) | static (per-tensor)"),
+             per_timestep: bool = typer.Option(False, "--per-timestep", help="Static: one scale per sampler step."),
+             smooth: Optional[float] = typer.Option(None, help="SmoothQuant alpha (int8), e.g. 0.5."),
+             ignore: list[str] = typer.Option([], help="Glob of Linear names to keep in bf16 (repeatable)."),
+             auto_skip: Optional[float] = typer.Option(None, help="Keep layers below this SQNR (dB) in bf16."),
+             lora: Optional[Path] = typer.Option(None, help="LoRA file (default: LiveAvatar/liveavatar.safetensors "
+                                                              "next to the checkpoint)."),
+             no_lora: bool = typer.Option(False, "--no-lora", help="Quantize the base weights without the LoRA."),
+             lora_alpha: Optional[float] = typer.Option(None, help="Override the LoRA alpha."),
+             device: str = typer.Option("cpu", help="Calibration device: cpu or cuda[:N]."),
+             size: Optional[str] = typer.Option(None, help="Calibration video size H*W (default: the model's)."),
+             max_pairs: Optional[int] = typer.Option(None, help="Use only the first N calibration pairs."),
+             max_shard_size: str = typer.Option("5GB", help="Largest output shard."),
+             overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+             report: bool = typer.Option(False, "--report", help="Print the per-layer SQNR table.")) -> None:
+    """Merge the LoRA, calibrate on audio+image pairs, and write an int8 or fp8 checkpoint."""
+    from .quant import QuantConfig
+    from .quant.convert import REPORT, format_report, quantize_checkpoint
+
+    try:
+        config = QuantConfig(precision, activations, per_timestep, smooth, tuple(ignore), auto_skip)
+        summary = quantize_checkpoint(ckpt, out, config, calibration=calibration,
+                                      lora=False if no_lora else (lora or True), lora_alpha=lora_alpha, device=device,
+                                      size=size, max_pairs=max_pairs, max_shard_bytes=parse_bytes(max_shard_size),
+                                      overwrite=overwrite, log=typer.echo)
+    except QavatarError as e:
+        _fail(e)
+    if report:
+        typer.echo(format_report(json.loads((summary.out / REPORT).read_text())))
+    line = f"wrote {summary.out}: {summary.layers_quantized} Linears {precision}, {summary.layers_kept} kept bf16, " \
+           f"{summary.bytes_written / 1e9:.3f} GB at {summary.write_mb_per_s:.0f} MB/s"
+    if summary.sqnr_min_db is not None:
+        line += f"; layer SQNR min {summary.sqnr_min_db:.1f} dB, median {summary.sqnr_median_db:.1f} dB; " \
+                f"end-to-end {', '.join(f'{v:.1f}' for v in summary.end_to_end_db)} dB per step"
+    typer.echo(line)
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("qavatar-demo"), help="Where the demo writes its files."),
          seed: int = typer.Option(0, help="Seed for weights, noise and sink offsets.")) -> None:

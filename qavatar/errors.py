@@ -15,3 +15,7 @@ class CheckpointError(QavatarError):
 
 class LoraError(CheckpointError):
     pass
+
+
+class CalibrationError(QavatarError):
+    pass

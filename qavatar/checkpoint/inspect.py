@@ -12,6 +12,8 @@ from .lora import LoraAdapter
 from .reader import CheckpointReader
 from .writer import verify_manifest
 
+QUANT_AUX = (".weight_scale", ".input_scale", ".smooth_scale")
+
 
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -35,7 +37,8 @@ def inspect_checkpoint(path: "str | Path", config: Optional[str] = None, verify:
         numel = 1
         for s in reader.shape(key):
             numel *= s
-        params += numel
+        if not key.endswith(QUANT_AUX):  # scales are not parameters of the model
+            params += numel
         by_dtype[str(reader.dtype(key)).removeprefix("torch.")] += reader.nbytes(key)
         f = reader.file_of(key).name
         shards[f]["bytes"] += reader.nbytes(key)
@@ -51,14 +54,15 @@ def inspect_checkpoint(path: "str | Path", config: Optional[str] = None, verify:
         "quantization": (raw or {}).get("quantization_config"),
     }
     if cfg is not None:
-        expected = model_shapes(cfg)
+        expected = model_shapes(cfg, quantization=report["quantization"],
+                                stored={k: tuple(reader.shape(k)) for k in reader.keys()})
         have = set(reader.keys())
         report["missing_keys"] = sorted(set(expected) - have)
         report["unexpected_keys"] = sorted(have - set(expected))
         report["shape_mismatches"] = {k: {"checkpoint": list(reader.shape(k)), "config": list(expected[k])}
                                       for k in sorted(have & set(expected))
                                       if tuple(reader.shape(k)) != expected[k]}
-    lora_path = find_lora(dit_dir)
+    lora_path = None if report["quantization"] else find_lora(dit_dir)  # quantized: LoRA already merged
     if lora_path is not None:
         try:
             lora = LoraAdapter(lora_path, default_alpha=cfg.lora_alpha if cfg else None)
@@ -98,10 +102,15 @@ def format_report(r: dict[str, Any]) -> str:
             if len(items) > shown:
                 lines.append(f"  {label}  ... and {len(items) - shown} more (--json lists all)")
     q = r.get("quantization")
-    lines.append("quantized   " + (f"{q.get('quant_method', '?')} {q.get('format', '')}".strip() if q else
-                                   "no (full precision weights)"))
+    if not q:
+        lines.append("quantized   no (full precision weights)")
+    else:
+        lines += _quant_lines(q)
     lora = r.get("lora")
-    if lora is None:
+    if lora is None and q:
+        lines.append("lora        merged before quantization" + (f" ({q.get('qavatar', {}).get('lora')})"
+                                                                 if q.get("qavatar", {}).get("lora") else ""))
+    elif lora is None:
         lines.append("lora        none found next to the checkpoint")
     elif lora["valid"]:
         lines.append(f"lora        {lora['path']}: {lora['targets']} targets, rank {lora['rank']}, alpha {lora['alpha']:g}")
@@ -115,3 +124,35 @@ def format_report(r: dict[str, Any]) -> str:
             "sha256 verified" if m["hashes_checked"] else "sizes match (use --verify to hash)")
         lines.append(f"manifest    {state}")
     return "\n".join(lines)
+
+
+def _quant_lines(q: dict[str, Any]) -> list[str]:
+    qa = q.get("qavatar", {})
+    scheme = qa.get("scheme", {})
+    group = next(iter(q.get("config_groups", {}).values()), {})
+    acts = group.get("input_activations")
+    act_text = "weight-only" if not acts else (
+        f"{acts['type']}{acts['num_bits']} activations, per-{acts['strategy']} "
+        f"{'dynamic' if acts.get('dynamic') else 'static'}")
+    extra = []
+    if scheme.get("per_timestep"):
+        extra.append("per-timestep scales")
+    if scheme.get("smooth_alpha") is not None:
+        extra.append(f"SmoothQuant alpha {scheme['smooth_alpha']} on {qa.get('smoothed_layers', 0)} layers "
+                     f"({len(qa.get('smooth_folded', []))} folded)")
+    lines = [f"quantized   {scheme.get('precision', '?')} ({q.get('quant_method')} {q.get('format')}): "
+             f"{qa.get('layers_quantized', '?')} Linears, {len(q.get('ignore', []))} kept bf16; {act_text}"
+             + "".join(f"; {e}" for e in extra)]
+    db = qa.get("sqnr_db")
+    if db:
+        lines.append(f"  SQNR      layers min {db['min']:.1f} dB, median {db['median']:.1f} dB"
+                     + (f"; end-to-end per step {', '.join(f'{v:.1f}' for v in qa['end_to_end_sqnr_db'])} dB"
+                        if qa.get("end_to_end_sqnr_db") else ""))
+    if qa.get("calibration_set"):
+        lines.append(f"  calib     {qa['calibration_set']} ({qa.get('calibration_pairs')} pairs at "
+                     f"{'x'.join(map(str, qa.get('calibration_size', [])))}, encoders {qa.get('calibration_encoders')},"
+                     f" sha256 {qa.get('calibration_manifest_sha256', '')[:12]})")
+    else:
+        lines.append("  calib     none (dynamic scheme converted without calibration)")
+    lines.append(f"  source    sha256 {qa.get('source_sha256', '')[:12]}, qavatar {qa.get('qavatar_version')}")
+    return lines

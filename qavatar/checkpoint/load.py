@@ -42,9 +42,16 @@ def find_lora(dit_dir: Path) -> Optional[Path]:
     return None
 
 
-def model_shapes(cfg: ModelConfig, tp: TPGroup = SINGLE) -> dict[str, tuple[int, ...]]:
+def model_shapes(cfg: ModelConfig, tp: TPGroup = SINGLE, quantization: Optional[dict] = None,
+                 stored: Optional[dict[str, tuple[int, ...]]] = None) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the model a config builds; with a quantization_config, of its quantized tree
+    (which Linears are quantized, and their optional tensors, read from the stored key set)."""
     with torch.device("meta"):
         model = build_model(cfg, tp)
+    if quantization is not None:
+        from ..quant import QuantConfig, quantized_skeleton
+
+        quantized_skeleton(model, QuantConfig.from_quantization_config(quantization), stored or {}, torch.bfloat16)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -95,14 +102,44 @@ def open_weights(path: "str | Path", lora: "str | Path | bool | None" = True,
     return weights, config, lora_path
 
 
+def is_quantized(dit_dir: Path) -> bool:
+    cfg = CheckpointReader(dit_dir).config or {}
+    return "quantization_config" in cfg
+
+
 def load_dit(path: "str | Path", dtype: torch.dtype = torch.float32, device: "str | torch.device" = "cpu",
              lora: "str | Path | bool | None" = True, lora_alpha: Optional[float] = None) -> LiveAvatarDiT:
-    """Load the whole (unsharded, unquantized) DiT with the LoRA merged."""
-    weights, cfg, _ = open_weights(path, lora, lora_alpha)
+    """Load the whole (unsharded) DiT: bf16 checkpoints with the LoRA merged, or a qavatar-quantized one.
+
+    Quantized Linears keep their stored int8/fp8 weights and fp32 scales; everything else is cast to dtype.
+    """
+    dit_dir = find_dit_dir(path)
+    raw = CheckpointReader(dit_dir).config or {}
+    qc = raw.get("quantization_config")
+    if qc is not None and lora not in (True, False, None):
+        raise CheckpointError(f"{dit_dir} is quantized with the LoRA already merged; do not pass a LoRA")
+    weights, cfg, _ = open_weights(dit_dir, False if qc is not None else lora, lora_alpha)
     with torch.device("meta"):
         model = build_model(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(weights, expected, str(find_dit_dir(path)))
-    state = {k: weights.get(k).to(device=device, dtype=dtype) for k in expected}
+    if qc is not None:
+        from ..quant import QuantConfig, quantized_skeleton
+
+        quantized_skeleton(model, QuantConfig.from_quantization_config(qc),
+                           {k: tuple(weights.shape(k)) for k in weights.keys()}, dtype)
+    expected = model.state_dict()
+    check_keys(weights, {k: tuple(v.shape) for k, v in expected.items()}, str(dit_dir))
+    keep = _stored_dtype_keys(model)
+    state = {k: weights.get(k).to(device=device, dtype=None if k in keep else dtype) for k in expected}
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def _stored_dtype_keys(model: torch.nn.Module) -> set[str]:
+    """Keys whose tensors load in their stored dtype (quantized weights and their fp32 scales)."""
+    from ..quant import QuantLinear
+
+    keys = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            keys |= {f"{name}.{b}" for b in ("weight", "weight_scale", "input_scale", "smooth_scale")}
+    return keys

@@ -140,14 +140,15 @@ class MergedWeights:
     def bytes_read(self) -> int:
         return self.base.bytes_read + self.lora.bytes_read
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The merged tensor, cast back to the base dtype (or to `dtype`: fp32 keeps the merge unrounded)."""
         w = self.base.get(key)
         if key not in self._targets:
-            return w
-        return (w.float() + self.lora.delta(self._targets[key])).to(w.dtype)
+            return w if dtype is None else w.to(dtype)
+        return (w.float() + self.lora.delta(self._targets[key])).to(dtype or w.dtype)
 
-    def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+    def get_slice(self, key: str, dim: int, start: int, stop: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         w = self.base.get_slice(key, dim, start, stop)
         if key not in self._targets:
-            return w
-        return (w.float() + self.lora.delta(self._targets[key], dim, start, stop)).to(w.dtype)
+            return w if dtype is None else w.to(dtype)
+        return (w.float() + self.lora.delta(self._targets[key], dim, start, stop)).to(dtype or w.dtype)

@@ -1,24 +1,26 @@
 """Reading (sharded) safetensors checkpoints lazily: one tensor, a set of keys, or a slice of a tensor.
 
 Nothing is loaded at open time except the headers, which are validated (missing shards, truncated files,
-keys the index promises but a shard lacks). Tensors are read through safetensors' mmap, so a slice reads
-only its own bytes; `bytes_read` counts them (the tensor-parallel loader proves with it that a rank reads
-only its share).
+keys the index promises but a shard lacks). Tensors are read with positioned file reads of exactly their
+bytes (no mmap), so memory holds only what was asked for, a slice reads only its own bytes, and
+`bytes_read` counts them (the tensor-parallel loader proves with it that a rank reads only its share).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+import math
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
 from .safetensors_format import HeaderEntry, read_header
 from .writer import MANIFEST, PARTIAL_MARK
 
 INDEX_SUFFIX = ".safetensors.index.json"
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")  # unsharded weights, by convention
+SIDE_FILES = ("calibration_stats.safetensors",)  # written next to quantized weights, not weights themselves
 
 
 class CheckpointReader:
@@ -51,7 +53,8 @@ class CheckpointReader:
                         raise CheckpointError(f"{f}: shard listed in {self.index_path.name} is missing (it holds "
                                               f"{held[0]!r} and {len(held) - 1} more tensors); re-download it")
             else:
-                files = sorted(path.glob("*.safetensors"))
+                named = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
+                files = named[:1] or sorted(p for p in path.glob("*.safetensors") if p.name not in SIDE_FILES)
                 if not files:
                     raise CheckpointError(f"{path}: no .safetensors files")
                 if len(files) > 1:
@@ -59,9 +62,11 @@ class CheckpointReader:
         self.files = files
         self.entries: dict[str, tuple[Path, HeaderEntry]] = {}
         self.metadata: dict[str, dict[str, str]] = {}
+        self._data_start: dict[Path, int] = {}
         for f in files:
-            entries, meta, _ = read_header(f)
+            entries, meta, start = read_header(f)
             self.metadata[f.name] = meta
+            self._data_start[f] = start
             for key, e in entries.items():
                 if weight_map is not None and weight_map.get(key) != f.name:
                     raise CheckpointError(f"{f}: holds {key!r}, which {self.index_path.name} "
@@ -74,7 +79,7 @@ class CheckpointReader:
             if lost:
                 raise CheckpointError(f"{self.directory / weight_map[lost[0]]}: lacks {lost[0]!r} "
                                       f"(and {len(lost) - 1} more) promised by {self.index_path.name}")
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, BinaryIO] = {}
         self.bytes_read = 0
 
     # -------------------------------------------------------------- metadata
@@ -118,35 +123,44 @@ class CheckpointReader:
         return (self.directory / MANIFEST).is_file()
 
     # -------------------------------------------------------------- tensors
-    def _handle(self, f: Path):
+    def _read(self, f: Path, offset: int, buf: memoryview) -> None:
         if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error type
-                raise CheckpointError(f"{f}: cannot open ({e})") from None
-        return self._handles[f]
+            self._handles[f] = open(f, "rb")
+        fh = self._handles[f]
+        fh.seek(self._data_start[f] + offset)
+        if fh.readinto(buf) != len(buf):
+            raise CheckpointError(f"{f}: truncated while reading (file changed on disk?)")
+        self.bytes_read += len(buf)
 
     def get(self, key: str) -> torch.Tensor:
         f, e = self._entry(key)
-        t = self._handle(f).get_tensor(key)
-        self.bytes_read += e.end - e.begin
-        return t
+        buf = bytearray(e.end - e.begin)
+        if buf:
+            self._read(f, e.begin, memoryview(buf))
+        return _tensor(buf, e.dtype, e.shape)
 
     def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of `key` along `dim`, reading only those bytes."""
+        """Entries [start, stop) of `key` along `dim`, reading only those bytes."""
         f, e = self._entry(key)
-        if not (0 <= start <= stop <= e.shape[dim]):
-            raise CheckpointError(f"{key}: slice [{start}:{stop}] outside dim {dim} of size {e.shape[dim]}")
-        index = tuple(slice(None) if d != dim else slice(start, stop) for d in range(len(e.shape)))
-        t = self._handle(f).get_slice(key)[index]
-        self.bytes_read += t.numel() * t.element_size()
-        return t
+        shape = e.shape
+        if not (0 <= dim < len(shape)) or not (0 <= start <= stop <= shape[dim]):
+            raise CheckpointError(f"{key}: slice [{start}:{stop}] outside dim {dim} of {list(shape)}")
+        item = (e.end - e.begin) // max(1, math.prod(shape))
+        outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
+        chunk = (stop - start) * inner * item
+        buf = bytearray(outer * chunk)
+        view = memoryview(buf)
+        for o in range(outer if chunk else 0):  # one contiguous run per outer index (one read for dim 0)
+            self._read(f, e.begin + (o * shape[dim] + start) * inner * item, view[o * chunk:(o + 1) * chunk])
+        return _tensor(buf, e.dtype, shape[:dim] + (stop - start,) + shape[dim + 1:])
 
     def iter_tensors(self, keys: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
         for k in (self.keys() if keys is None else keys):
             yield k, self.get(k)
 
     def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
         self._handles.clear()
 
     def __enter__(self) -> "CheckpointReader":
@@ -154,3 +168,9 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buf:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -44,6 +44,7 @@ class ModelConfig:
     sample_fps: int = 25
     ref_rope_frame: int = 30  # RoPE time index of the reference-image tokens
     sink_offset_range: tuple[int, int] = (4, 30)  # python random.randint bounds of the sink re-RoPE distance
+    default_size: tuple[int, int] = (704, 384)  # pixel H, W used when a command is given no --size
     # --- Live Avatar LoRA defaults (used when the LoRA file does not say) ---
     lora_alpha: float = 64.0
     name: str = "custom"
@@ -143,14 +144,14 @@ _WAN_REQUIRED_SWITCHES = {
 }
 # Training-only or inert keys of the reference constructors.
 _WAN_IGNORED = {"_class_name", "_diffusers_version", "zero_init", "motion_token_num", "cross_attn_type",
-                "slide_motion_frames", "local_attn_size", "_name_or_path", "qavatar"}
+                "slide_motion_frames", "local_attn_size", "_name_or_path", "qavatar", "quantization_config"}
 
 PRESETS: dict[str, ModelConfig] = {
     "liveavatar-14b": ModelConfig(name="liveavatar-14b"),
     # Same module tree as the 14B model (every key, every kind of layer) at fixture size.
     "tiny": ModelConfig(
         name="tiny", dim=64, ffn_dim=128, num_heads=4, num_layers=4, text_dim=32, audio_dim=32,
-        audio_inject_layers=(0, 2, 3), lora_alpha=4.0,
+        audio_inject_layers=(0, 2, 3), lora_alpha=4.0, default_size=(128, 64),
     ),
 }
 

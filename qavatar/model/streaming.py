@@ -18,6 +18,7 @@ import torch
 
 from .dit import LiveAvatarDiT
 from .kv_cache import RollingKVCache, SinkCache
+from .step_context import sampler_slot
 
 
 def flow_match_schedule(steps: int = 4, shift: float = 3.0, train_steps: int = 1000
@@ -73,7 +74,8 @@ class StreamingSession:
         self.batch = ref_latents.shape[0]
         self.latent_hw = tuple(ref_latents.shape[-2:])
         self.frame_len = cfg.tokens_per_frame(*self.latent_hw)
-        self.context = model.embed_text(context)
+        with torch.no_grad():
+            self.context = model.embed_text(context)
         self.sink = SinkCache(cfg.num_layers)
         attn = model.blocks[0].self_attn
         window = cfg.clip_latent_frames * self.frame_len
@@ -81,11 +83,13 @@ class StreamingSession:
                                       kv_dtype or model.dtype, model.device) for _ in range(len(self.timesteps))]
         self.next_frame = 0  # absolute latent frame index of the next block
         self.block_index = 0
-        model.prefill_sink(ref_latents, motion_latents, self.context, self.sink)
+        self.roll_sink(ref_latents, motion_latents)
 
+    @torch.no_grad()
     def roll_sink(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> None:
-        """Rolling sink: re-prefill the condition with a new reference frame (and motion context)."""
-        self.model.prefill_sink(ref_latents, motion_latents, self.context, self.sink)
+        """(Re-)prefill the sink with a reference frame and motion context (the rolling sink after clip 0)."""
+        with sampler_slot(len(self.timesteps)):
+            self.model.prefill_sink(ref_latents, motion_latents, self.context, self.sink)
 
     @torch.no_grad()
     def denoise_block(self, noise: torch.Tensor, audio: torch.Tensor, cond_states: Optional[torch.Tensor] = None,
@@ -101,9 +105,10 @@ class StreamingSession:
         for i, t in enumerate(self.timesteps):
             offset = int(self.sink_offset())
             shift = max(0, self.next_frame - (self.cfg.ref_rope_frame - offset))
-            flow = self.model.forward_stream(x, t.expand(self.batch, frames).to(self.model.device), self.context,
-                                             cond_states, audio_tokens, self.caches[i], self.sink,
-                                             self.next_frame, shift)
+            with sampler_slot(i):
+                flow = self.model.forward_stream(x, t.expand(self.batch, frames).to(self.model.device),
+                                                 self.context, cond_states, audio_tokens, self.caches[i], self.sink,
+                                                 self.next_frame, shift)
             x = x + (self.sigmas[i + 1] - self.sigmas[i]).item() * flow
             if on_call is not None:
                 on_call(CallInfo(self.block_index, i, self.next_frame, offset, shift, flow))

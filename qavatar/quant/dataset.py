@@ -18,17 +18,13 @@ from typing import Optional
 
 import torch
 
-from ..errors import QavatarError
+from ..errors import CalibrationError
 from ..model import ModelConfig
 from ..pipeline.audio_features import bucket_features, interpolate_features
 from ..pipeline.media import MediaError, load_audio, load_image
 
 DEFAULT_PROMPT = "A person is talking to the camera with natural expressions."
 BUNDLED = Path(__file__).resolve().parents[2] / "calibration" / "bundled" / "manifest.json"
-
-
-class CalibrationError(QavatarError):
-    pass
 
 
 @dataclass

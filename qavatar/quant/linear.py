@@ -12,31 +12,17 @@ the scale the unsharded layer would use.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.step_context import current_slot
 from ..parallel import SINGLE, TPGroup
 from .config import QuantConfig
 from .kernels import (FP8, dequantize_weight, fp8_matmul, fp8_matmul_supported, int8_matmul, notice_once,
                       pick_int8_kernel, quantize_activation, token_absmax)
-
-# Which static input scale applies now: set by the sampler around each call (None: the max over all slots).
-_SLOT: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("qavatar_scale_slot", default=None)
-
-
-@contextlib.contextmanager
-def scale_slot(slot: Optional[int]) -> Iterator[None]:
-    token = _SLOT.set(slot)
-    try:
-        yield
-    finally:
-        _SLOT.reset(token)
-
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: bool = True,
@@ -66,7 +52,7 @@ class QuantLinear(nn.Module):
 
     def _activation_absmax(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:  # static: a calibrated per-tensor scale
-            slot = _SLOT.get()
+            slot = current_slot()  # the sampler step (or sink prefill) running now
             s = self.input_scale.max() if slot is None or self.input_scale.numel() == 1 else self.input_scale[slot]
             return (s * self.config.qmax).reshape(1, 1)
         absmax = token_absmax(x)
@@ -108,16 +94,30 @@ class QuantLinear(nn.Module):
         return F.linear(x.to(compute), dequantize_weight(wq, sw, compute))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QuantConfig, row_parallel: bool = False,
-                   tp: TPGroup = SINGLE) -> "QuantLinear":
-        """Quantize a float Linear's weight (per channel); bias kept in the Linear's dtype."""
-        q = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None,
-                row_parallel=row_parallel, tp=tp, bias_dtype=linear.weight.dtype, device=linear.weight.device)
+    def from_float(cls, linear: nn.Linear, config: QuantConfig, smooth: Optional[torch.Tensor] = None,
+                   input_scale: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Quantize a float Linear: W * smooth (per input column) quantized per output channel; bias kept.
+
+        A RowParallelLinear stays row-parallel (same TP group).
+        """
+        from ..model.linear import RowParallelLinear
         from .kernels import quantize_weight
 
-        wq, sw = quantize_weight(linear.weight.detach(), config.weight_dtype)
-        q.weight.copy_(wq)
-        q.weight_scale.copy_(sw)
-        if linear.bias is not None:
-            q.bias.copy_(linear.bias.detach())
+        row = isinstance(linear, RowParallelLinear)
+        w = linear.weight.detach().float()
+        if smooth is not None:
+            w = w * smooth.to(w.device)[None, :]
+        q = cls(linear.in_features, linear.out_features, config, bias=linear.bias is not None, row_parallel=row,
+                tp=linear.tp if row else SINGLE, static_slots=0 if input_scale is None else input_scale.numel(),
+                smooth=smooth is not None, bias_dtype=linear.weight.dtype, device=linear.weight.device)
+        wq, sw = quantize_weight(w, config.weight_dtype)
+        with torch.no_grad():
+            q.weight.copy_(wq)
+            q.weight_scale.copy_(sw)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias.detach())
+            if smooth is not None:
+                q.smooth_scale.copy_(smooth)
+            if input_scale is not None:
+                q.input_scale.copy_(input_scale.reshape(-1))
         return q

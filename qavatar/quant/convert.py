@@ -1,0 +1,273 @@
+"""`qavatar quantize`: LoRA-merged DiT -> calibrated 8-bit checkpoint, written tensor by tensor.
+
+Output (a compressed-tensors-style directory any reader understands):
+    config.json                    the source config + quantization_config
+    diffusion_pytorch_model*.safetensors (+ index)
+        <m>.weight        int8 / float8_e4m3fn [out, in]     (quantized Linears)
+        <m>.weight_scale  fp32 [out, 1]
+        <m>.input_scale   fp32 [1] or [slots]                 (static activations only)
+        <m>.smooth_scale  fp32 [in]                           (SmoothQuant, when it could not be folded)
+        everything else   bf16
+    quantization_report.json       per-layer SQNR, decisions, end-to-end SQNR
+    calibration_stats.safetensors  the activation statistics (re-usable)
+    qavatar-manifest.json          sha256 of every file, written last
+SmoothQuant folds where the algebra allows: o's scale into the rows of v (attention is linear in V), the text
+cross-attention q's scale into norm3 (its only consumer); elsewhere it stays a runtime smooth_scale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import __version__
+from ..checkpoint import TensorSpec, atomic_directory, check_keys, open_weights, write_manifest
+from ..checkpoint.load import find_dit_dir, model_shapes
+from ..checkpoint.lora import MergedWeights
+from ..checkpoint.writer import ShardedWriter, sha256_file
+from ..errors import CalibrationError, ConfigError
+from ..model import ModelConfig
+from .calibrate import CalibrationResult, Calibrator, LayerPlan
+from .config import QuantConfig
+from .kernels import quantize_weight
+
+REPORT = "quantization_report.json"
+STATS = "calibration_stats.safetensors"
+
+
+@dataclass
+class QuantizeSummary:
+    out: Path
+    layers_quantized: int
+    layers_kept: int
+    bytes_written: int
+    write_seconds: float
+    sqnr_min_db: Optional[float]
+    sqnr_median_db: Optional[float]
+    end_to_end_db: Optional[list[float]]
+
+    @property
+    def write_mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / max(self.write_seconds, 1e-9)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'704*384' -> (704, 384) pixel H, W; both multiples of 64 (the reference's rule)."""
+    try:
+        h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise ConfigError(f"--size {size!r}: expected H*W, like 704*384") from None
+    if h <= 0 or w <= 0 or h % 64 or w % 64:
+        raise ConfigError(f"--size {size}: sides must be positive multiples of 64")
+    return h, w
+
+
+def _linear_names(cfg: ModelConfig) -> list[str]:
+    from ..model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def default_plans(cfg: ModelConfig, config: QuantConfig) -> dict[str, LayerPlan]:
+    """Plans without calibration (dynamic or weight-only schemes): every target Linear quantized."""
+    if config.activations == "static" or config.smooth_alpha is not None or config.auto_skip_db is not None:
+        raise CalibrationError("static scales, --smooth and --auto-skip need calibration data; drop --calibration none")
+    return {n: LayerPlan(n, True, "quantized (no calibration)") for n in _linear_names(cfg) if config.targets(n)}
+
+
+def _fold_targets(plans: dict[str, LayerPlan]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
+    """(rows to divide per module, norm3 divisors, modules whose smoothing is folded away)."""
+    rows, norms, folded = {}, {}, set()
+    for name, p in plans.items():
+        if not p.quantized or p.smooth is None:
+            continue
+        if name.endswith(".o"):
+            rows[name[:-2] + ".v"] = p.smooth
+            folded.add(name)
+        elif name.endswith("cross_attn.q"):
+            norms[name[: -len("cross_attn.q")] + "norm3"] = p.smooth
+            folded.add(name)
+    return rows, norms, folded
+
+
+class _SourceReader:
+    """Reads source tensors in fp32 with the LoRA merged, hashing the raw checkpoint bytes on the way."""
+
+    def __init__(self, weights):
+        self.weights = weights
+        self.base = weights.base if isinstance(weights, MergedWeights) else weights
+        self.sha256 = hashlib.sha256()
+
+    def get(self, key: str) -> torch.Tensor:
+        raw = self.base.get(key)
+        self.sha256.update(key.encode())
+        if raw.numel():
+            self.sha256.update(raw.reshape(-1).view(torch.uint8).numpy())
+        t = raw.float()
+        if isinstance(self.weights, MergedWeights) and key in self.weights._targets:
+            t = t + self.weights.lora.delta(self.weights._targets[key])
+        return t
+
+
+def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantConfig, plans: dict[str, LayerPlan],
+                    out: Path, calibration: Optional[CalibrationResult], info: dict, max_shard_bytes: int,
+                    overwrite: bool = False, log: Callable[[str], None] = lambda s: None) -> QuantizeSummary:
+    """Phase 2: stream every source tensor through its transform into the output shards."""
+    rows, norms, folded = _fold_targets(plans)
+    quant = {n: p for n, p in plans.items() if p.quantized}
+    specs: list[TensorSpec] = []
+    for key in weights.keys():
+        module, _, leaf = key.rpartition(".")
+        shape = tuple(weights.shape(key))
+        if module in quant and leaf == "weight":
+            p = quant[module]
+            specs += [TensorSpec(key, config.weight_dtype, shape), TensorSpec(f"{module}.weight_scale", torch.float32,
+                                                                             (shape[0], 1))]
+            if p.input_scale is not None:
+                specs.append(TensorSpec(f"{module}.input_scale", torch.float32, (p.input_scale.numel(),)))
+            if p.smooth is not None and module not in folded:
+                specs.append(TensorSpec(f"{module}.smooth_scale", torch.float32, (shape[1],)))
+        else:
+            specs.append(TensorSpec(key, torch.bfloat16, shape))
+
+    ignore = sorted(n for n in _linear_names(cfg) if n not in quant)
+    src = _SourceReader(weights)
+    t0 = time.perf_counter()
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+        for i, key in enumerate(weights.keys()):
+            module, _, leaf = key.rpartition(".")
+            t = src.get(key)
+            if module in rows:  # o's smoothing folded into v's output rows (weight and bias)
+                t = t / rows[module].reshape(-1, *([1] * (t.dim() - 1)))
+            if module in norms:
+                t = t / norms[module]
+            if module in quant and leaf == "weight":
+                p = quant[module]
+                if p.smooth is not None:
+                    t = t * p.smooth[None, :]
+                wq, sw = quantize_weight(t, config.weight_dtype)
+                writer.write(key, wq)
+                writer.write(f"{module}.weight_scale", sw)
+                if p.input_scale is not None:
+                    writer.write(f"{module}.input_scale", p.input_scale.float().reshape(-1))
+                if p.smooth is not None and module not in folded:
+                    writer.write(f"{module}.smooth_scale", p.smooth.float())
+            else:
+                writer.write(key, t.to(torch.bfloat16))
+            if (i + 1) % 200 == 0:
+                log(f"  wrote {i + 1}/{len(weights.keys())} tensors")
+        writer.finish()
+        write_seconds = time.perf_counter() - t0
+
+        sqnrs = sorted(max(p.sqnr_db.values()) for p in quant.values() if p.sqnr_db)
+        summary_db = None
+        if sqnrs:
+            summary_db = {"min": sqnrs[0], "median": sqnrs[len(sqnrs) // 2], "max": sqnrs[-1],
+                          "worst_layers": sorted(((max(p.sqnr_db.values()), n) for n, p in quant.items()
+                                                  if p.sqnr_db))[:5]}
+        qavatar = {
+            "qavatar_version": __version__,
+            "source_sha256": src.sha256.hexdigest(),
+            **info,
+            "layers_quantized": len(quant),
+            "smoothed_layers": sum(p.smooth is not None for p in quant.values()),
+            "smooth_folded": sorted(folded),
+            "static_slots": calibration.stats.slots if calibration and config.activations == "static" else None,
+            "sqnr_db": summary_db,
+            "end_to_end_sqnr_db": calibration.end_to_end_db if calibration else None,
+        }
+        conf = dict(raw_config)
+        conf["quantization_config"] = config.quantization_config(ignore, qavatar)
+        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+        report = build_report(config, plans, calibration, info)
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        if calibration is not None:
+            calibration.stats.save(tmp / STATS, calibration_manifest_sha256=info.get("calibration_manifest_sha256", ""))
+        write_manifest(tmp, writer.hashes, kind="quantized", precision=config.precision)
+    bytes_written = sum(s.nbytes for s in specs)
+    return QuantizeSummary(Path(out), len(quant), len(ignore), bytes_written, write_seconds,
+                           summary_db["min"] if summary_db else None, summary_db["median"] if summary_db else None,
+                           calibration.end_to_end_db if calibration else None)
+
+
+def build_report(config: QuantConfig, plans: dict[str, LayerPlan], calibration: Optional[CalibrationResult],
+                 info: dict) -> dict:
+    layers = []
+    for name, p in plans.items():
+        entry = {"layer": name, "quantized": p.quantized, "decision": p.reason}
+        if p.sqnr_db:
+            entry["sqnr_db"] = p.sqnr_db
+            entry["sqnr_db_by_slot"] = p.sqnr_by_slot
+            if "smooth" in p.sqnr_db:
+                entry["smoothing_gain_db"] = p.sqnr_db["smooth"] - p.sqnr_db["base"]
+        layers.append(entry)
+    return {"scheme": config.precision, "config": {k: v for k, v in vars(config).items()}, **info,
+            "slots": calibration.stats.slots if calibration else None,
+            "pairs": calibration.pairs if calibration else None,
+            "end_to_end_sqnr_db": calibration.end_to_end_db if calibration else None,
+            "layers": layers}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"scheme {report['scheme']}; per-layer SQNR on calibration activations (dB)"]
+    has_smooth = any("smoothing_gain_db" in l for l in report["layers"])
+    lines.append(f"{'layer':48s} {'SQNR':>7s}" + ("  smoothing" if has_smooth else "") + "  decision")
+    for l in report["layers"]:
+        db = max(l["sqnr_db"].values()) if l.get("sqnr_db") else float("nan")
+        sm = ""
+        if has_smooth:
+            g = l.get("smoothing_gain_db")
+            sm = f"  {g:+8.2f}" if g is not None else " " * 10
+        lines.append(f"{l['layer']:48s} {db:7.2f}{sm}  {l['decision']}")
+    if report.get("end_to_end_sqnr_db"):
+        steps = ", ".join(f"{v:.1f}" for v in report["end_to_end_sqnr_db"])
+        lines.append(f"end-to-end flow SQNR per sampler step (dB): {steps}")
+    return "\n".join(lines)
+
+
+def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfig,
+                        calibration: "str | Path | None" = None, lora: "str | Path | bool | None" = True,
+                        lora_alpha: Optional[float] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None,
+                        size: Optional[str] = None, max_pairs: Optional[int] = None,
+                        max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
+                        log: Callable[[str], None] = print) -> QuantizeSummary:
+    """Merge the LoRA, calibrate (block-streamed), decide per layer, and write the quantized checkpoint."""
+    from .dataset import BUNDLED, CalibrationSet
+    from ..pipeline.stand_in import StandInEncoders
+
+    dit_dir = find_dit_dir(src)
+    weights, cfg, lora_path = open_weights(dit_dir, lora, lora_alpha)
+    raw_config = (weights.base if isinstance(weights, MergedWeights) else weights).config
+    if raw_config and "quantization_config" in raw_config:
+        raise ConfigError(f"{dit_dir} is already quantized; quantize the bf16 checkpoint")
+    check_keys(weights, model_shapes(cfg), str(dit_dir))
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    info: dict = {"source": str(dit_dir), "lora": str(lora_path) if lora_path else None,
+                  "lora_sha256": sha256_file(lora_path) if lora_path else None}
+    log(f"source {dit_dir}" + (f" + LoRA {lora_path} (merged in fp32)" if lora_path else " (no LoRA)"))
+    result: Optional[CalibrationResult] = None
+    if calibration == "none":
+        plans = default_plans(cfg, config)
+        log("no calibration: every target Linear quantized, no SQNR report")
+    else:
+        calib = CalibrationSet(calibration or BUNDLED)
+        h, w = parse_size(size) if size else cfg.default_size
+        latent_hw = (h // 8, w // 8)
+        inputs = calib.inputs(StandInEncoders(cfg), cfg, latent_hw, limit=max_pairs)
+        log(f"calibrating on {len(inputs)} pairs of {calib.name} at {h}x{w} ({device}, "
+            f"{str(dtype).removeprefix('torch.')}; encoders: stand-in), one block at a time")
+        result = Calibrator(weights, cfg, config, device, dtype, log=log).run(inputs)
+        plans = result.plans
+        info.update(calibration_set=calib.name, calibration_manifest_sha256=calib.sha256(),
+                    calibration_pairs=len(inputs), calibration_size=[h, w], calibration_encoders="stand-in")
+    log(f"writing {out}")
+    return write_quantized(weights, raw_config or cfg.to_wan_config(), cfg, config, plans, Path(out), result, info,
+                           max_shard_bytes, overwrite, log)
