@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, CheckpointError
 from ..model import LiveAvatarDiT, ModelConfig
 from ..model.block import Segments
 from ..model.kv_cache import LayerKV, RollingKVCache, SinkCache
@@ -88,12 +88,18 @@ def _linears(module: nn.Module, prefix: str) -> dict[str, nn.Linear]:
 
 
 def _load(module: nn.Module, prefix: str, weights, dtype: torch.dtype, device: torch.device) -> None:
-    """Assign module's tensors from a reader-like source (LoRA merged on read)."""
+    """Assign module's tensors from a reader-like source (LoRA merged on read), refusing non-finite weights."""
     sd = {}
     for name in module.state_dict():
         t = weights.get(prefix + name, dtype=torch.float32) if _takes_dtype(weights) else weights.get(prefix + name)
+        check_finite(prefix + name, t)
         sd[name] = t.to(device=device, dtype=dtype)
     module.load_state_dict(sd, assign=True, strict=True)
+
+
+def check_finite(key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not all(torch.isfinite(c).all() for c in t.reshape(-1).split(1 << 22)):
+        raise CheckpointError(f"{key} holds NaN or Inf (after the LoRA merge); the checkpoint is damaged")
 
 
 def _takes_dtype(weights) -> bool:

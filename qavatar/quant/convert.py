@@ -32,7 +32,7 @@ from ..checkpoint.lora import MergedWeights
 from ..checkpoint.writer import ShardedWriter, sha256_file
 from ..errors import CalibrationError, ConfigError
 from ..model import ModelConfig
-from .calibrate import CalibrationResult, Calibrator, LayerPlan
+from .calibrate import CalibrationResult, Calibrator, LayerPlan, check_finite
 from .config import QuantConfig
 from .kernels import quantize_weight
 
@@ -97,23 +97,43 @@ def _fold_targets(plans: dict[str, LayerPlan]) -> tuple[dict[str, torch.Tensor],
     return rows, norms, folded
 
 
-class _SourceReader:
-    """Reads source tensors in fp32 with the LoRA merged, hashing the raw checkpoint bytes on the way."""
+class _Source:
+    """Source tensors as stored (bf16), hashed on the way, and the row-block edits each one needs:
+    the LoRA merge (in fp32), v rows divided by o's folded smoothing, norm3 by cross q's."""
 
-    def __init__(self, weights):
-        self.weights = weights
-        self.base = weights.base if isinstance(weights, MergedWeights) else weights
+    def __init__(self, weights, rows: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]):
+        self.merged = weights if isinstance(weights, MergedWeights) else None
+        self.base = weights.base if self.merged else weights
+        self.rows, self.norms = rows, norms
         self.sha256 = hashlib.sha256()
 
-    def get(self, key: str) -> torch.Tensor:
-        raw = self.base.get(key)
+    def raw(self, key: str) -> torch.Tensor:
+        t = self.base.get(key)
         self.sha256.update(key.encode())
-        if raw.numel():
-            self.sha256.update(raw.reshape(-1).view(torch.uint8).numpy())
-        t = raw.float()
-        if isinstance(self.weights, MergedWeights) and key in self.weights._targets:
-            t = t + self.weights.lora.delta(self.weights._targets[key])
+        if t.numel():
+            self.sha256.update(t.reshape(-1).view(torch.uint8).numpy())
+        check_finite(key, t)
         return t
+
+    def edit(self, key: str) -> Optional[Callable[[torch.Tensor, int, int], torch.Tensor]]:
+        """fp32 rows [r0, r1) -> edited rows, or None when the stored tensor is used as it is."""
+        module = key.rpartition(".")[0]
+        lora = self.merged is not None and key in self.merged._targets
+        div = self.rows.get(module)
+        if module in self.norms:
+            div = self.norms[module]
+        if not lora and div is None:
+            return None
+
+        def apply(rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+            if lora:
+                rows += self.merged.lora.delta(self.merged._targets[key], 0, r0, r1)
+            if div is not None:  # per output row (v's rows and bias; norm3 per channel)
+                rows /= div[r0:r1].reshape(-1, *([1] * (rows.dim() - 1)))
+            check_finite(key, rows)
+            return rows
+
+        return apply
 
 
 def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantConfig, plans: dict[str, LayerPlan],
@@ -138,30 +158,31 @@ def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantCo
             specs.append(TensorSpec(key, torch.bfloat16, shape))
 
     ignore = sorted(n for n in _linear_names(cfg) if n not in quant)
-    src = _SourceReader(weights)
+    src = _Source(weights, rows, norms)
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
         for i, key in enumerate(weights.keys()):
             module, _, leaf = key.rpartition(".")
-            t = src.get(key)
-            if module in rows:  # o's smoothing folded into v's output rows (weight and bias)
-                t = t / rows[module].reshape(-1, *([1] * (t.dim() - 1)))
-            if module in norms:
-                t = t / norms[module]
+            raw, edit = src.raw(key), src.edit(key)
             if module in quant and leaf == "weight":
                 p = quant[module]
-                if p.smooth is not None:
-                    t = t * p.smooth[None, :]
-                wq, sw = quantize_weight(t, config.weight_dtype)
+
+                def transform(rows_, r0, r1, edit=edit, smooth=p.smooth):
+                    rows_ = edit(rows_, r0, r1) if edit else rows_
+                    return rows_.mul_(smooth[None, :]) if smooth is not None else rows_
+
+                wq, sw = quantize_weight(raw, config.weight_dtype, transform)
                 writer.write(key, wq)
                 writer.write(f"{module}.weight_scale", sw)
                 if p.input_scale is not None:
                     writer.write(f"{module}.input_scale", p.input_scale.float().reshape(-1))
                 if p.smooth is not None and module not in folded:
                     writer.write(f"{module}.smooth_scale", p.smooth.float())
+            elif edit is not None:
+                writer.write(key, edit(raw.to(torch.float32, copy=True), 0, raw.shape[0]).to(torch.bfloat16))
             else:
-                writer.write(key, t.to(torch.bfloat16))
+                writer.write(key, raw.to(torch.bfloat16))
             if (i + 1) % 200 == 0:
                 log(f"  wrote {i + 1}/{len(weights.keys())} tensors")
         writer.finish()

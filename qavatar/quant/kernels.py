@@ -9,7 +9,7 @@ scales on sm89+, and fp8 elsewhere falls back to weight-only, saying so once.
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,17 +29,31 @@ def notice_once(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------- quantizers
-def quantize_weight(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel quantization: (q [out, in] in dtype, scale [out, 1] fp32)."""
-    wf = w.float()
-    scale = (wf.abs().amax(dim=1, keepdim=True) / QMAX[dtype]).clamp(min=_EPS)
-    return _to_q(wf / scale, dtype), scale
+def quantize_weight(w: torch.Tensor, dtype: torch.dtype,
+                    transform: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization: (q [out, in] in dtype, scale [out, 1] fp32).
+
+    Works a block of rows at a time in fp32 (transform(rows, r0, r1) may edit them first: LoRA merge,
+    SmoothQuant), so the temporaries stay a few MB whatever the weight's size.
+    """
+    scale = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
+    q = torch.empty(w.shape, dtype=dtype, device=w.device)
+    step = max(1, (1 << 20) // max(1, w.shape[1]))  # ~4 MB of fp32 rows at a time
+    for r in range(0, w.shape[0], step):
+        wf = w[r:r + step].to(torch.float32, copy=True)
+        if transform is not None:
+            wf = transform(wf, r, min(r + step, w.shape[0]))
+        s = (wf.abs().amax(dim=1, keepdim=True) / QMAX[dtype]).clamp(min=_EPS)
+        scale[r:r + step] = s
+        q[r:r + step] = _to_q(wf.div_(s), dtype)
+    return q, scale
 
 
 def _to_q(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     qmax = QMAX[dtype]
     if dtype == torch.int8:
-        return x.round().clamp(-qmax, qmax).to(torch.int8)
+        return x.round_().clamp_(-qmax, qmax).to(torch.int8)
     return x.clamp(-qmax, qmax).to(dtype)
 
 
