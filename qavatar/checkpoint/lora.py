@@ -104,12 +104,19 @@ class LoraAdapter:
                 raise LoraError(f"{self.path}: LoRA for {t.module} is [{out_f}, {in_f}] but {key} is "
                                 f"{list(base_shapes[key])}")
 
-    def delta(self, module: str, dim: Optional[int] = None, start: int = 0, stop: int = 0) -> torch.Tensor:
-        """scale * B @ A in fp32, optionally only output rows (dim 0) or input columns (dim 1) [start, stop)."""
+    def delta(self, module: str, dim: Optional[int] = None, start: int = 0, stop: int = 0,
+              a: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """scale * B @ A in fp32, optionally only output rows (dim 0) or input columns (dim 1) [start, stop).
+
+        `a` may pass lora_A already read (row-block loops read it once)."""
         t = self.targets[module]
         b = self.reader.get_slice(t.b_key, 0, start, stop) if dim == 0 else self.reader.get(t.b_key)
-        a = self.reader.get_slice(t.a_key, 1, start, stop) if dim == 1 else self.reader.get(t.a_key)
+        if a is None:
+            a = self.reader.get_slice(t.a_key, 1, start, stop) if dim == 1 else self.reader.get(t.a_key)
         return (b.float() @ a.float()) * t.scale
+
+    def lora_a(self, module: str) -> torch.Tensor:
+        return self.reader.get(self.targets[module].a_key)
 
 
 class MergedWeights:

@@ -124,10 +124,11 @@ class _Source:
             div = self.norms[module]
         if not lora and div is None:
             return None
+        a = self.merged.lora.lora_a(self.merged._targets[key]) if lora else None
 
         def apply(rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
             if lora:
-                rows += self.merged.lora.delta(self.merged._targets[key], 0, r0, r1)
+                rows += self.merged.lora.delta(self.merged._targets[key], 0, r0, r1, a=a)
             if div is not None:  # per output row (v's rows and bias; norm3 per channel)
                 rows /= div[r0:r1].reshape(-1, *([1] * (rows.dim() - 1)))
             check_finite(key, rows)

@@ -73,10 +73,20 @@ def quantize_activation(x: torch.Tensor, dtype: torch.dtype, absmax: torch.Tenso
 
 
 # ---------------------------------------------------------------------------- device abilities
+_rowwise_failed: set[str] = set()
+
+
 def fp8_matmul_supported(device: torch.device) -> bool:
-    if device.type != "cuda":
+    """sm89+ GPU whose torch build has rowwise-scaled _scaled_mm (a first failure marks it unavailable)."""
+    if device.type != "cuda" or str(device) in _rowwise_failed:
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_rowwise_failed(device: torch.device, err: Exception) -> None:
+    _rowwise_failed.add(str(device))
+    notice_once(f"torch._scaled_mm with rowwise scales failed on {device} ({str(err).splitlines()[0][:120]}); "
+                f"fp8 runs weight-only from here on")
 
 
 def _bnb():

@@ -21,8 +21,8 @@ from torch import nn
 from ..model.step_context import current_slot
 from ..parallel import SINGLE, TPGroup
 from .config import QuantConfig
-from .kernels import (FP8, dequantize_weight, fp8_matmul, fp8_matmul_supported, int8_matmul, notice_once,
-                      pick_int8_kernel, quantize_activation, token_absmax)
+from .kernels import (FP8, dequantize_weight, fp8_matmul, fp8_matmul_supported, fp8_rowwise_failed, int8_matmul,
+                      notice_once, pick_int8_kernel, quantize_activation, token_absmax)
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: bool = True,
@@ -88,9 +88,13 @@ class QuantLinear(nn.Module):
         if fp8_matmul_supported(x.device):
             xq, sx = quantize_activation(x, FP8, self._activation_absmax(x))
             sx = sx.expand(x.shape[0], 1).contiguous()
-            return fp8_matmul(xq, sx, wq, sw, torch.bfloat16)
-        notice_once(f"fp8 activations need an sm89+ GPU; on {x.device.type} the fp8 checkpoint runs weight-only "
-                    f"(weights dequantized to {str(compute).removeprefix('torch.')})")
+            try:
+                return fp8_matmul(xq, sx, wq, sw, torch.bfloat16)
+            except RuntimeError as e:  # e.g. a torch build without rowwise fp8 kernels for this GPU
+                fp8_rowwise_failed(x.device, e)
+        if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 9):
+            notice_once(f"fp8 activations need an sm89+ GPU; on {x.device.type} the fp8 checkpoint runs weight-only "
+                        f"(weights dequantized to {str(compute).removeprefix('torch.')})")
         return F.linear(x.to(compute), dequantize_weight(wq, sw, compute))
 
     @classmethod

@@ -1,0 +1,138 @@
+"""GPU check for sessions that have a GPU (one short run; record what it prints in docs/quantization.md).
+
+One full-size 14B DiT block (dim 5120, ffn 13824, 40 heads) on the GPU at the 704x384 token count:
+3 latent frames x 1056 tokens = 3168 query tokens, attending to a full rolling window (12 frames = 12672
+tokens) plus the 2640-token sink, as a streaming call does. Weights are random (N(0,1)/sqrt(fan_in)).
+For bf16, int8, fp8, int8-wo and fp8-wo: milliseconds per forward, peak memory, and SQNR of the block output
+against bf16 (and of bf16 against an fp32 block). Which kernel ran is printed too.
+
+    python scripts/gpu_check.py [--iters 10] [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qavatar.model.block import DiTBlock, Segments  # noqa: E402
+from qavatar.model.kv_cache import LayerKV, RollingKVCache, SinkCache  # noqa: E402
+from qavatar.model.rope import rope_table, video_positions, grid_positions  # noqa: E402
+from qavatar.quant import QuantConfig, QuantLinear, quantize_  # noqa: E402
+from qavatar.quant import kernels  # noqa: E402
+
+DIM, FFN, HEADS, EPS = 5120, 13824, 40, 1e-6
+GH, GW, FRAMES, WINDOW_FRAMES, SINK = 44, 24, 3, 12, 2640
+
+
+def sqnr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    ref, a = ref.float(), a.float()
+    return 10 * math.log10(ref.pow(2).sum().item() / max((a - ref).pow(2).sum().item(), 1e-30))
+
+
+def random_block(device: str) -> DiTBlock:
+    g = torch.Generator().manual_seed(0)
+    block = DiTBlock(DIM, FFN, HEADS, EPS)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if p.dim() >= 2 and "modulation" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            elif "modulation" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / DIM ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return block.to(device)
+
+
+def inputs(device: str, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(1)
+    frame_len = GH * GW
+    n = FRAMES * frame_len
+    x = torch.randn(1, n, DIM, generator=g).to(device, dtype)
+    e0 = (0.1 * torch.randn(1, FRAMES, 6, 2, DIM, generator=g)).to(device)
+    rope = rope_table(video_positions(WINDOW_FRAMES, FRAMES, GH, GW), (22, 21, 21)).to(device)
+    context = torch.randn(1, 512, DIM, generator=g).to(device, dtype)
+    sink = SinkCache(1)
+    sink.k[0] = torch.randn(1, SINK, HEADS, DIM // HEADS, generator=g).to(device, dtype)
+    sink.v[0] = torch.randn(1, SINK, HEADS, DIM // HEADS, generator=g).to(device, dtype)
+    sink.positions = grid_positions([30], range(55), range(48))[:SINK]
+    sink_rope = rope_table(sink.positions, (22, 21, 21)).to(device)
+    return x, e0, rope, context, sink, sink_rope, Segments(FRAMES, frame_len)
+
+
+def run(block, args, dtype, device, iters):
+    x, e0, rope, context, sink, sink_rope, seg = args
+    window = WINDOW_FRAMES * seg.frame_len
+    rolling = RollingKVCache(1, 1, window, HEADS, DIM // HEADS, dtype, device)
+    start = window  # the window is full: attend to all 12 frames + the sink
+    kv = lambda: LayerKV("stream", 0, sink, rolling, start, sink_rope)  # noqa: E731
+    with torch.no_grad():
+        for _ in range(3):
+            out = block(x, e0, seg, rope, context, kv())
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(iters):
+            out = block(x, e0, seg, rope, context, kv())
+        t1.record()
+        torch.cuda.synchronize()
+    return out, t0.elapsed_time(t1) / iters, torch.cuda.max_memory_allocated() - base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this check runs on a GPU session")
+    dev = "cuda"
+    name = torch.cuda.get_device_name()
+    cap = torch.cuda.get_device_capability()
+    print(f"device {name} (sm{cap[0]}{cap[1]}), torch {torch.__version__}")
+    fp32 = random_block(dev)
+    with torch.no_grad():
+        ref32, _, _ = run(fp32, inputs(dev, torch.float32), torch.float32, dev, 1)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    del fp32
+    rows = []
+    ref, ms, mem = run(bf16, inputs(dev, torch.bfloat16), torch.bfloat16, dev, args.iters)
+    weights = sum(p.numel() * p.element_size() for p in bf16.parameters())
+    rows.append({"precision": "bf16", "ms": ms, "peak_extra_mb": mem / 1e6, "weights_mb": weights / 1e6,
+                 "sqnr_vs_bf16_db": float("inf"), "sqnr_vs_fp32_db": sqnr(ref, ref32), "kernel": "cuBLAS bf16"})
+    for precision in ("int8", "fp8", "int8-wo", "fp8-wo"):
+        q = quantize_(copy.deepcopy(bf16), QuantConfig(precision))
+        lin = next(m for m in q.modules() if isinstance(m, QuantLinear))
+        kernel = {"int8": f"int8 {kernels.pick_int8_kernel(torch.device(dev), 3168, DIM, DIM)}",
+                  "fp8": "torch._scaled_mm rowwise" if kernels.fp8_matmul_supported(torch.device(dev))
+                  else "fp8 weight-only fallback"}.get(precision, "dequantize + bf16 matmul")
+        out, ms, mem = run(q, inputs(dev, torch.bfloat16), torch.bfloat16, dev, args.iters)
+        weights = sum(b.numel() * b.element_size() for b in q.buffers()) + sum(
+            p.numel() * p.element_size() for p in q.parameters())
+        rows.append({"precision": precision, "ms": ms, "peak_extra_mb": mem / 1e6, "weights_mb": weights / 1e6,
+                     "sqnr_vs_bf16_db": sqnr(out, ref), "sqnr_vs_fp32_db": sqnr(out, ref32), "kernel": kernel})
+        del q, lin
+        torch.cuda.empty_cache()
+    print("| precision | kernel | ms / block forward | block weights MB | peak activations MB | SQNR vs bf16 dB "
+          "| SQNR vs fp32 dB |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['kernel']} | {r['ms']:.2f} | {r['weights_mb']:.0f} | {r['peak_extra_mb']:.0f} "
+              f"| {r['sqnr_vs_bf16_db']:.1f} | {r['sqnr_vs_fp32_db']:.1f} |")
+    out_path = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
+    if out_path:
+        out_path.write_text(json.dumps({"device": name, "capability": cap, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
