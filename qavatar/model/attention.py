@@ -3,7 +3,9 @@ and cross-attention (text, and the per-frame audio injector).
 
 Tensor parallelism (Megatron): q, k, v are column-parallel (each rank holds num_heads/tp heads), o is
 row-parallel and all-reduces its partial sums. The q/k RMSNorm runs over the FULL width, so its sum of
-squares is all-reduced across ranks: that is the only extra collective head-sharding costs.
+squares needs the other ranks' heads: each rank sums squares per head and one all-gather per attention
+(q's and k's sums fused) gives every rank all heads' sums, added in head order. That order is the same at
+every TP degree, so the norm is bit-identical across degrees (an all-reduce would not be).
 """
 from __future__ import annotations
 
@@ -22,21 +24,35 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the full model width; this rank holds `dim / tp` of its channels."""
+    """RMSNorm over the full model width; this rank holds `dim / tp` of its channels (num_heads / tp heads)."""
 
-    def __init__(self, dim: int, eps: float, tp: TPGroup = SINGLE):
+    def __init__(self, dim: int, eps: float, num_heads: int, tp: TPGroup = SINGLE):
         super().__init__()
         self.full_dim, self.eps, self.tp = dim, eps, tp
+        self.heads = tp.shard(num_heads, "num_heads")
         self.weight = nn.Parameter(torch.ones(tp.shard(dim, "dim")))
 
+    def head_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of squares per local head, fp32 [..., heads]."""
+        return x.float().pow(2).unflatten(-1, (self.heads, -1)).sum(dim=-1)
+
+    def finish(self, x: torch.Tensor, all_head_sums: torch.Tensor) -> torch.Tensor:
+        mean_sq = all_head_sums.sum(dim=-1, keepdim=True) / self.full_dim
+        return (x.float() * torch.rsqrt(mean_sq + self.eps)).type_as(x) * self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.tp.size == 1:
-            mean_sq = xf.pow(2).mean(dim=-1, keepdim=True)
-        else:
-            sum_sq = xf.pow(2).sum(dim=-1, keepdim=True)
-            mean_sq = self.tp.all_reduce(sum_sq) / self.full_dim  # cross-rank sum of squares
-        return (xf * torch.rsqrt(mean_sq + self.eps)).type_as(x) * self.weight
+        return self.finish(x, self.tp.all_gather(self.head_sums(x), dim=-1))
+
+
+def qk_norm(norm_q: RMSNorm, q: torch.Tensor, norm_k: RMSNorm, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both full-width norms with a single collective (q and k head sums gathered together)."""
+    sq, sk = norm_q.head_sums(q), norm_k.head_sums(k)
+    if norm_q.tp.size > 1:
+        both = torch.cat([sq.flatten(0, -2), sk.flatten(0, -2)])  # [Lq + Lk, heads]
+        both = norm_q.tp.all_gather(both, dim=-1)  # the one extra collective of head-sharded attention
+        sq, sk = both[: sq[..., 0].numel()].reshape(*sq.shape[:-1], -1), both[sq[..., 0].numel():].reshape(
+            *sk.shape[:-1], -1)
+    return norm_q.finish(q, sq), norm_k.finish(k, sk)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,8 +73,8 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, local)
         self.v = nn.Linear(dim, local)
         self.o = RowParallelLinear(local, dim, tp)
-        self.norm_q = RMSNorm(dim, eps, tp)
-        self.norm_k = RMSNorm(dim, eps, tp)
+        self.norm_q = RMSNorm(dim, eps, num_heads, tp)
+        self.norm_k = RMSNorm(dim, eps, num_heads, tp)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim))
@@ -73,9 +89,8 @@ class SelfAttention(Attention):
     """
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: Optional["LayerKV"] = None) -> torch.Tensor:
-        q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(x)))
-        v = self._heads(self.v(x))
+        q, k = qk_norm(self.norm_q, self.q(x), self.norm_k, self.k(x))
+        q, k, v = self._heads(q), self._heads(k), self._heads(self.v(x))
         q_roped = apply_rope(q, rope).type_as(v)
         k_roped = apply_rope(k, rope).type_as(v)
         if kv is not None:
@@ -90,7 +105,5 @@ class CrossAttention(Attention):
     """x attends to a context (embedded text; or one latent frame's audio tokens in the injector)."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        q = self._heads(self.norm_q(self.q(x)))
-        k = self._heads(self.norm_k(self.k(context)))
-        v = self._heads(self.v(context))
-        return self.o(sdpa(q, k, v))
+        q, k = qk_norm(self.norm_q, self.q(x), self.norm_k, self.k(context))
+        return self.o(sdpa(self._heads(q), self._heads(k), self._heads(self.v(context))))

@@ -61,10 +61,11 @@ class DiTBlock(nn.Module):
         self.self_attn = SelfAttention(dim, num_heads, eps, tp)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, num_heads, eps, tp)
+        start, stop = tp.span(ffn_dim)  # the FFN width may split unevenly (13824 over 5 ranks)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, tp.shard(ffn_dim, "ffn_dim")),
+            nn.Linear(dim, stop - start),
             nn.GELU(approximate="tanh"),
-            RowParallelLinear(tp.shard(ffn_dim, "ffn_dim"), dim, tp),
+            RowParallelLinear(stop - start, dim, tp),
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 

@@ -1,4 +1,4 @@
-"""Tensor parallelism: which rank we are, and the collectives the model calls explicitly."""
-from .group import TPGroup, SINGLE
+"""Tensor parallelism: which rank we are, which slices it holds, and the collectives the model calls."""
+from .group import SINGLE, TPGroup
 
 __all__ = ["TPGroup", "SINGLE"]

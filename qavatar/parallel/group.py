@@ -20,10 +20,18 @@ class TPGroup:
     process_group: Any = None  # a torch.distributed ProcessGroup when size > 1
 
     def shard(self, n: int, what: str) -> int:
-        """Size of this rank's slice of n (heads, features); n must divide evenly."""
+        """Size of this rank's slice of n (attention heads and the widths tied to them); must divide evenly."""
         if n % self.size:
-            raise ConfigError(f"{what}={n} is not divisible by the tensor-parallel degree {self.size}")
+            raise ConfigError(f"{what}={n} is not divisible by the tensor-parallel degree {self.size}; "
+                              f"use a degree that divides {what}")
         return n // self.size
+
+    def span(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this rank's share of n when it need not divide evenly (the FFN width:
+        13824 over 5 ranks is 2765, 2765, 2765, 2765, 2764)."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce x over the ranks of the group (in place, "sum" or "max"), returning it."""
@@ -33,6 +41,17 @@ class TPGroup:
 
         dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.process_group)
         return x
+
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate every rank's x along dim, in rank order."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.process_group)
+        return torch.cat(parts, dim=dim)
 
 
 SINGLE = TPGroup()

@@ -99,15 +99,18 @@ def _bnb():
 
 
 # ---------------------------------------------------------------------------- matmuls (no bias)
-def int8_matmul(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, kernel: str) -> torch.Tensor:
-    """(xq * sx) @ (wq * sw)^T with int8 inputs and int32 accumulation; returns fp32 [M, N]."""
+def int8_accumulate(xq: torch.Tensor, wq: torch.Tensor, kernel: str) -> torch.Tensor:
+    """xq @ wq^T for int8 operands: int32 [M, N] (exact), or fp32 holding integers for "dequant"."""
     if kernel == "int_mm":
-        acc = torch._int_mm(xq, wq.t())
-    elif kernel == "bnb":
-        acc = _bnb().int8_linear_matmul(xq, wq)
-    else:  # "dequant": fp32 products of integers, exact up to fp32 rounding of the sums
-        acc = F.linear(xq.float(), wq.float())
-    return acc.float() * sx * sw.t()
+        return torch._int_mm(xq, wq.t())
+    if kernel == "bnb":
+        return _bnb().int8_linear_matmul(xq, wq)
+    return F.linear(xq.float(), wq.float())  # exact while |sum| < 2^24
+
+
+def int8_matmul(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, kernel: str) -> torch.Tensor:
+    """(xq * sx) @ (wq * sw)^T with int8 inputs and integer accumulation; returns fp32 [M, N]."""
+    return int8_accumulate(xq, wq, kernel).float() * sx * sw.t()
 
 
 def fp8_matmul(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor,

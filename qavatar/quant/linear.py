@@ -21,8 +21,8 @@ from torch import nn
 from ..model.step_context import current_slot
 from ..parallel import SINGLE, TPGroup
 from .config import QuantConfig
-from .kernels import (FP8, dequantize_weight, fp8_matmul, fp8_matmul_supported, fp8_rowwise_failed, int8_matmul,
-                      notice_once, pick_int8_kernel, quantize_activation, token_absmax)
+from .kernels import (FP8, dequantize_weight, fp8_matmul, fp8_matmul_supported, fp8_rowwise_failed,
+                      int8_accumulate, notice_once, pick_int8_kernel, quantize_activation, token_absmax)
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, config: QuantConfig, bias: bool = True,
@@ -65,9 +65,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.smooth_scale is not None:
             x2 = x2 / self.smooth_scale.to(x2.dtype)
-        y = self._matmul(x2)
-        if self.row_parallel and self.tp.size > 1:
-            y = self.tp.all_reduce(y)
+        y = self._matmul(x2)  # row-parallel: already summed over the ranks
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -76,12 +74,22 @@ class QuantLinear(nn.Module):
         cfg, wq, sw = self.config, self.weight, self.weight_scale
         compute = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
         if cfg.weight_only:
-            return F.linear(x.to(compute), dequantize_weight(wq, sw, compute))
+            return self._reduce(F.linear(x.to(compute), dequantize_weight(wq, sw, compute)))
         if cfg.weight_dtype == torch.int8:
             kernel = pick_int8_kernel(x.device, x.shape[0], self.in_features, self.out_features, self.kernel_override)
             xq, sx = quantize_activation(x, torch.int8, self._activation_absmax(x))
-            return int8_matmul(xq, sx, wq, sw, "dequant" if kernel == "emulate" else kernel)
-        # fp8 W8A8
+            acc = int8_accumulate(xq, wq, "dequant" if kernel == "emulate" else kernel)
+            # integer partial sums reduce exactly: a row-parallel int8 layer equals the unsharded one bit for bit
+            return self._reduce(acc).float() * sx * sw.t()
+        return self._reduce(self._fp8(x, compute))
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """Row-parallel: sum the partial outputs over the ranks (before the bias)."""
+        return self.tp.all_reduce(y) if self.row_parallel and self.tp.size > 1 else y
+
+    def _fp8(self, x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        """fp8 W8A8 on sm89+ GPUs; weight-only elsewhere (said once)."""
+        wq, sw = self.weight, self.weight_scale
         if self.kernel_override == "emulate":  # the sm89 numerics, computed in fp32 (tests on CPU)
             xq, sx = quantize_activation(x, FP8, self._activation_absmax(x))
             return F.linear(xq.float() * sx, dequantize_weight(wq, sw))

@@ -1,0 +1,116 @@
+"""Starting tensor-parallel ranks: under torchrun (env://), or spawned by qavatar itself.
+
+Every wait is bounded: process-group init and every collective time out (gloo and NCCL honour the group
+timeout; NCCL's watchdog aborts the communicator), and the spawner stops all ranks when one fails, so a
+crashed rank or one that never arrives ends the run with a message naming it instead of a hang.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import QavatarError
+from .group import TPGroup
+
+DEFAULT_TIMEOUT_S = 300
+
+
+class RankError(QavatarError):
+    pass
+
+
+def backend_for(device: "str | torch.device") -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> TPGroup:
+    """Join the process group torchrun (or spawn_ranks) described in the environment; check the world size."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if tp == 1 and env["WORLD_SIZE"] in (None, "1"):
+        return TPGroup()
+    missing = [k for k, v in env.items() if v is None]
+    if missing:
+        raise RankError(f"--tp {tp} needs {tp} ranks: launch with `torchrun --nproc-per-node {tp} ...` or let "
+                        f"qavatar start them (missing {', '.join(missing)})")
+    world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    if world != tp:
+        raise RankError(f"--tp {tp} but the launcher started {world} ranks (WORLD_SIZE={world}); they must match")
+    if torch.device(device).type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        if local >= torch.cuda.device_count():
+            raise RankError(f"rank {rank} wants cuda:{local} but only {torch.cuda.device_count()} GPUs are visible")
+        torch.cuda.set_device(local)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend_for(device), rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except Exception as e:  # DistStoreError / RuntimeError on timeout or refused connection
+            raise RankError(f"rank {rank}: could not form the {world}-rank group at {env['MASTER_ADDR']}:"
+                            f"{env['MASTER_PORT']} within {timeout_s:g} s (did every rank start?): "
+                            f"{str(e).splitlines()[0][:200]}") from None
+    return TPGroup(rank, world, dist.group.WORLD)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        result = fn(rank, *args)
+        queue.put((rank, "ok", result))
+    except BaseException as e:  # report, then let the process die with an error
+        queue.put((rank, "error", f"{e.__class__.__name__}: {e}" if isinstance(e, QavatarError) else
+                   traceback.format_exc(limit=6)))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple = (), start_method: Optional[str] = None,
+                timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Run fn(rank, *args) in `world` processes; return their results in rank order.
+
+    If any rank fails or dies, the others are stopped and a RankError names the first failure.
+    """
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    method = start_method or ("fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+                              else "spawn")
+    ctx = mp.get_context(method)
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    context = mp.start_processes(_entry, args=(world, port, fn, args, queue), nprocs=world, join=False,
+                                 start_method=method)
+    reports: list = []
+    try:
+        while not context.join(timeout=0.2):  # drain while waiting: a rank blocks on a full result pipe
+            reports += _drain(queue)
+    except ProcessException as e:
+        reports += _drain(queue)
+        failed = [r for r in reports if r[1] == "error"]
+        detail = failed[0][2].strip().splitlines()[-1] if failed else f"exited with code {getattr(e, 'exit_code', '?')}"
+        raise RankError(f"rank {failed[0][0] if failed else e.error_index} failed: {detail}; all {world} ranks "
+                        f"were stopped") from None
+    reports += _drain(queue)
+    return [r[2] for r in sorted((r for r in reports if r[1] == "ok"), key=lambda r: r[0])]
+
+
+def _drain(queue) -> list:
+    out = []
+    while not queue.empty():
+        out.append(queue.get())
+    return out
