@@ -125,6 +125,51 @@ def quantize(ckpt: Path = typer.Argument(..., help="bf16 checkpoint (Wan2.2-S2V-
 
 
 @app.command()
+def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
+         vram: str = typer.Option("24GiB", help="Memory per GPU, e.g. 24GiB, 48GB."),
+         precision: str = typer.Option("fp8", help="bf16 | int8 | fp8 | int8-wo | fp8-wo"),
+         size: str = typer.Option("704*384", help="Video size H*W in pixels."),
+         config: str = typer.Option("liveavatar-14b", help="Model preset or path to a config.json / checkpoint."),
+         kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp8."),
+         t5: str = typer.Option("cpu", help="Where umT5 runs: cpu | gpu."),
+         vae: str = typer.Option("gpu", help="Where the VAE decodes: gpu (last rank) | cpu."),
+         wav2vec2: str = typer.Option("cpu", help="Where wav2vec2 runs: cpu | gpu."),
+         replicated: bool = typer.Option(False, "--replicated", help="The reference layout: a whole DiT per GPU."),
+         recipe: Optional[str] = typer.Option(None, help="Find the cheapest setup that fits, up to --gpus: "
+                                                          "fewest-gpus | quality."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Will it fit? Per-rank peak memory of a streaming run, broken down, and a verdict."""
+    from .model import resolve_config
+    from .parallel.plan import PlanRequest, find_recipe, format_plan, make_plan
+    from .quant.convert import parse_size
+
+    try:
+        cfg = resolve_config(config)
+        h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
+        req = PlanRequest(cfg, gpus=gpus, vram=parse_bytes(vram), precision=precision, size=(h, w),
+                          kv_dtype=kv_dtype, t5=t5, vae=vae, wav2vec2=wav2vec2, replicated_dit=replicated)
+        if recipe:
+            if recipe not in ("fewest-gpus", "quality"):
+                raise QavatarError("--recipe is fewest-gpus or quality")
+            result = find_recipe(req, gpus, recipe)
+            if result is None:
+                raise QavatarError(f"nothing fits in up to {gpus} x {vram} at {size}; try more GPUs or a smaller size")
+        else:
+            result = make_plan(req)
+    except (QavatarError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        if recipe:
+            typer.echo(f"cheapest recipe ({recipe}): --gpus {result.request.gpus} --precision "
+                       f"{result.request.precision} --kv-dtype {result.request.kv_dtype}")
+        typer.echo(format_plan(result))
+    if not result.fits:
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("qavatar-demo"), help="Where the demo writes its files."),
          seed: int = typer.Option(0, help="Seed for weights, noise and sink offsets.")) -> None:
     """Run the embedded demo end to end on a toy checkpoint (no downloads)."""

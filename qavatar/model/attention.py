@@ -91,6 +91,7 @@ class SelfAttention(Attention):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: Optional["LayerKV"] = None) -> torch.Tensor:
         q, k = qk_norm(self.norm_q, self.q(x), self.norm_k, self.k(x))
         q, k, v = self._heads(q), self._heads(k), self._heads(self.v(x))
+        del x  # the modulated input is not needed any more
         q_roped = apply_rope(q, rope).type_as(v)
         k_roped = apply_rope(k, rope).type_as(v)
         if kv is not None:
@@ -98,7 +99,9 @@ class SelfAttention(Attention):
                 kv.store_sink(k, v)
             else:
                 k_roped, v = kv.append(k_roped, v)
-        return self.o(sdpa(q_roped, k_roped, v))
+        out = sdpa(q_roped, k_roped, v)
+        del q, k, v, q_roped, k_roped  # free the K/V concatenation before the output projection
+        return self.o(out)
 
 
 class CrossAttention(Attention):
@@ -106,4 +109,7 @@ class CrossAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q, k = qk_norm(self.norm_q, self.q(x), self.norm_k, self.k(context))
-        return self.o(sdpa(self._heads(q), self._heads(k), self._heads(self.v(context))))
+        del x
+        out = sdpa(self._heads(q), self._heads(k), self._heads(self.v(context)))
+        del q, k
+        return self.o(out)

@@ -75,16 +75,19 @@ class DiTBlock(nn.Module):
         dtype = x.dtype
         e = (self.modulation.float()[:, None, :, None] + e0).unbind(dim=2)  # 6 x [B, F, 2, dim], fp32
 
-        y = seg.apply(_modulate, layer_norm(x, self.eps).float(), e[0], e[1])
-        y = self.self_attn(y.to(dtype), rope, kv)
+        # temporaries are passed, not named, so each is freed as soon as its consumer is done with it
+        y = self.self_attn(self._modulated(x, seg, e[0], e[1], dtype), rope, kv)
         x = x + seg.apply(_gate, y.float(), e[2])
-
+        del y
         x = x + self.cross_attn(self.norm3(x.to(dtype)).to(dtype), context)
-
-        y = seg.apply(_modulate, layer_norm(x, self.eps).float(), e[3], e[4])
-        y = self.ffn(y.to(dtype))
+        y = self.ffn(self._modulated(x, seg, e[3], e[4], dtype))
         x = x + seg.apply(_gate, y.float(), e[5])
         return x.to(dtype)
+
+    def _modulated(self, x: torch.Tensor, seg: Segments, shift: torch.Tensor, scale: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """LayerNorm(x) * (1 + scale) + shift in fp32, cast to the compute dtype for the next Linear."""
+        return seg.apply(_modulate, layer_norm(x, self.eps).float(), shift, scale).to(dtype)
 
 
 def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -202,13 +202,13 @@ class LiveAvatarDiT(nn.Module):
         b, _, frames = x.shape[:3]
         gh, gw = self._grid(x)
         frame_len = gh * gw
-        tokens = self.embed_video(x, cond_states) + self.trainable_cond_mask.weight[NOISY].to(self.dtype)
         split, theta = self.cfg.rope_split, self.cfg.rope_theta
         rope = rope_table(video_positions(start_frame, frames, gh, gw), split, theta)
         sink_rope = rope_table(sink.shifted_positions(sink_shift), split, theta)
         e, e0 = self.embed_time(t)
         start = start_frame * frame_len
-        h = self.run_blocks(tokens, e0, rope, context, Segments(frames, frame_len), audio,
+        h = self.run_blocks(self.embed_video(x, cond_states) + self.trainable_cond_mask.weight[NOISY].to(self.dtype),
+                            e0, rope, context, Segments(frames, frame_len), audio,
                             kv=lambda i: LayerKV("stream", i, sink, rolling, start, sink_rope))
         return self.unpatchify(self.head(h, e), frames, gh, gw)
 

@@ -112,6 +112,7 @@ class StreamingSession:
             x = x + (self.sigmas[i + 1] - self.sigmas[i]).item() * flow
             if on_call is not None:
                 on_call(CallInfo(self.block_index, i, self.next_frame, offset, shift, flow))
+            del flow  # not alive during the next call
         self.next_frame += frames
         self.block_index += 1
         return x

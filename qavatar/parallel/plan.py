@@ -1,0 +1,360 @@
+"""`qavatar plan`: per-rank peak memory of a streaming run, before anything is downloaded.
+
+Everything is computed, not typed in: weights from the model built on the meta device (with the quantized
+tree of the chosen scheme) and the sharding rules; KV caches and activations from explicit formulas over the
+config and the token counts of the chosen size. The activation formula follows the code path of one
+forward_stream call (the largest of: embedding, attention with the KV concatenation, FFN, audio injection,
+head) and is checked against allocations measured on CPU (tests/test_plan.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..model import ModelConfig, build_model
+from ..model.rope import framepack_positions
+from .group import TPGroup
+from .shard import shard_dim, shard_range
+
+GiB = 2 ** 30
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+PRECISIONS = ("bf16", "int8-wo", "int8", "fp8-wo", "fp8")  # best quality first (docs/quantization.md)
+# CUDA context (~0.5 GiB), cuBLAS/NCCL workspaces and allocator fragmentation, per rank. Stated, not measured.
+RESERVE_BYTES = int(1.5 * GiB)
+
+# Parameter counts of the other models of the pipeline, checked against transformers/diffusers built on the
+# meta device in tests/test_plan.py: umT5-XXL encoder, Wan 2.1 VAE (encoder, decoder), wav2vec2-large.
+ENCODERS = {"t5": 5_680_910_336, "vae_encoder": 53_595_872, "vae_decoder": 73_295_331, "wav2vec2": 315_438_720}
+VAE_BASE_DIM = 96
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class PlanRequest:
+    config: ModelConfig
+    gpus: int = 1
+    vram: int = 24 * GiB
+    precision: str = "bf16"
+    size: tuple[int, int] = (704, 384)  # pixel H, W
+    kv_dtype: str = "bf16"
+    compute_dtype: str = "bf16"
+    steps: int = 4
+    t5: str = "cpu"  # where the umT5 encoder runs: cpu | gpu (rank 0)
+    vae: str = "gpu"  # gpu: the last rank decodes | cpu
+    wav2vec2: str = "cpu"
+    attention: str = "flash"  # flash (GPU kernels, no score matrix) | math (scores materialised)
+    replicated_dit: bool = False  # the reference layout (TPP): a whole DiT per GPU, one sampler step each
+    stored: Optional[dict[str, tuple[int, ...]]] = None  # checkpoint key shapes, for the exact quantized tree
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.kv_dtype not in ("bf16", "fp8", "fp32", "fp16"):
+            raise ConfigError(f"--kv-dtype must be bf16 or fp8, not {self.kv_dtype!r}")
+        if self.gpus < 1:
+            raise ConfigError("--gpus must be at least 1")
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.breakdown.values())
+
+
+@dataclass
+class Plan:
+    request: PlanRequest
+    tp: int
+    params: int
+    tokens_per_frame: int
+    sink_tokens: int
+    ranks: list[RankPlan]
+    activation_detail: dict[str, int]
+
+    @property
+    def worst(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: r.peak)
+
+    @property
+    def peak_bytes_per_rank(self) -> int:
+        return self.worst.peak
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes_per_rank <= self.request.vram
+
+    @property
+    def headroom(self) -> int:
+        return self.request.vram - self.peak_bytes_per_rank
+
+    def to_json(self) -> dict:
+        req = asdict(self.request)
+        req.pop("stored")
+        req["config"] = self.request.config.name
+        return {"fits": self.fits, "peak_bytes_per_rank": self.peak_bytes_per_rank, "params": self.params,
+                "breakdown": self.worst.breakdown, "worst_rank": self.worst.rank, "vram": self.request.vram,
+                "headroom_bytes": self.headroom, "tp": self.tp, "tokens_per_frame": self.tokens_per_frame,
+                "sink_tokens": self.sink_tokens, "request": req,
+                "ranks": [{"rank": r.rank, "peak_bytes": r.peak, "breakdown": r.breakdown} for r in self.ranks],
+                "activation_detail": self.activation_detail}
+
+
+# ------------------------------------------------------------------------------------------ weights
+@lru_cache(maxsize=16)
+def _full_tree(cfg: ModelConfig, precision: str, stored_key: Optional[tuple]) -> tuple[tuple[str, tuple, str], ...]:
+    """(key, full shape, dtype tag) of the model's state dict; quantized layers per the scheme."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    quant = set()
+    if precision != "bf16":
+        from ..quant import QuantConfig, QuantLinear, quantized_skeleton
+
+        qc = QuantConfig(precision)
+        stored = dict(stored_key) if stored_key else {f"{n}.weight_scale": (0,) for n, m in model.named_modules()
+                                                      if isinstance(m, torch.nn.Linear) and qc.targets(n)}
+        quantized_skeleton(model, qc, stored, torch.bfloat16)
+        quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out = []
+    for key, t in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        if module in quant and leaf == "weight":
+            tag = "weight8"
+        elif module in quant and leaf in ("weight_scale", "input_scale", "smooth_scale"):
+            tag = "scale"
+        else:
+            tag = "param"
+        out.append((key, tuple(t.shape), tag))
+    return tuple(out)
+
+
+def weight_bytes(req: PlanRequest, rank: int, tp: int) -> dict[str, int]:
+    """Bytes this rank holds, by kind: sharded 8-bit weights, replicated 8-bit weights, fp32 scales,
+    sharded and replicated parameters in the compute dtype."""
+    stored_key = tuple(sorted(req.stored.items())) if req.stored else None
+    group = TPGroup(rank, tp)
+    compute = _bytes(DTYPES[req.compute_dtype])
+    out = {"weights_8bit_sharded": 0, "weights_8bit_replicated": 0, "scales_fp32": 0,
+           f"params_{req.compute_dtype}_sharded": 0, f"params_{req.compute_dtype}_replicated": 0}
+    for key, shape, tag in _full_tree(req.config, req.precision, stored_key):
+        numel = math.prod(shape)
+        dim = None if req.replicated_dit else shard_dim(key)
+        if dim is not None and tp > 1:
+            start, stop = shard_range(key, shape[dim], group)
+            numel = numel // shape[dim] * (stop - start)
+        where = "replicated" if dim is None or tp == 1 else "sharded"
+        if tag == "weight8":
+            out[f"weights_8bit_{where}"] += numel
+        elif tag == "scale":
+            out["scales_fp32"] += numel * 4
+        else:
+            out[f"params_{req.compute_dtype}_{where}"] += numel * compute
+    return out
+
+
+# ------------------------------------------------------------------------------------------ activations
+def token_counts(cfg: ModelConfig, size: tuple[int, int]) -> tuple[int, int, int]:
+    """(tokens per latent frame, sink tokens, latent H, W) for a pixel size."""
+    h, w = size
+    if h % 16 or w % 16:
+        raise ConfigError(f"size {h}x{w}: sides must be multiples of 16 (the VAE's 8 and the patch's 2)")
+    lat_h, lat_w = h // 8, w // 8
+    fs = cfg.tokens_per_frame(lat_h, lat_w)
+    sink = fs + sum(len(g) for g in framepack_positions(cfg.framepack_buckets, lat_h, lat_w))
+    return fs, sink, lat_h * lat_w
+
+
+def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compute: torch.dtype,
+                     kv_dtype: torch.dtype, precision: str, attention: str) -> dict[str, int]:
+    """Peak bytes alive during one block of the stream (B=1): the max over the stages of a forward_stream
+    call, plus what the call holds throughout, or the audio encoder's peak, whichever is larger.
+
+    Each stage lists the tensors the code holds at that point (model/block.py, model/attention.py):
+    modulation, norms and RoPE in fp32 (a compute-dtype copy only when the dtypes differ), the residual
+    stream in fp32 after the first gated add, an 8-bit W8A8 Linear's fp32 and int8 input copies and its
+    integer and scaled accumulators, the self-attention's [rolling window | re-roped sink] K and V.
+    """
+    fs, lc, _ = token_counts(cfg, size)
+    c, f4, kvb = _bytes(compute), 4, _bytes(kv_dtype)
+    up = int(compute != torch.float32)  # 1 when casting between fp32 and the compute dtype copies
+    L = cfg.num_frames_per_block * fs
+    D, hd, T = cfg.dim, cfg.head_dim, cfg.text_len
+    heads = tp.shard(cfg.num_heads, "num_heads")
+    dl = heads * hd
+    start, stop = tp.span(cfg.ffn_dim)
+    fl = stop - start
+    K = cfg.clip_latent_frames * fs + lc  # keys of a full rolling window plus the sink
+    w8a8, wo = precision in ("int8", "fp8"), precision.endswith("-wo")
+
+    def lx(rows: int, n_in: int, n_out: int) -> int:
+        """A Linear's temporaries beyond its output (and its bias-added copy)."""
+        if w8a8:  # quantizing the input: fp32 copy, input / scale, int8; then int8 input + integer accumulator
+            return max(rows * n_in * (up * f4 + f4 + 1), rows * n_in + rows * n_out * f4)
+        return n_in * n_out * c if wo else 0  # weight-only: the dequantized weight
+
+    ld, ldl, tdl = L * D, L * dl, T * dl
+    # the block input (the caller holds it for the whole block) and, from the first gated add on, the fp32
+    # residual stream beside it
+    x_in = ld * c
+    x32 = x_in + ld * f4
+    m = ld * c  # a modulated / normed branch input: the caller holds it until the branch returns
+    modulate = 3 * ld * f4 + up * ld * c  # LayerNorm in fp32, x * (1 + scale), + shift; the cast copy
+    gate = ld * c + up * ld * f4 + 2 * ld * f4  # branch output, its fp32 copy, x * gate, x + ...
+    norm_tmp = (1 + up) * f4 + up * c  # per element of a q/k RMSNorm: fp32 input, product, cast copy
+    rope = 5 * ldl * f4 // 2  # apply_rope's fp32 half-rotations and the stacked result
+    math = 2 * heads * L * f4 if attention == "math" else 0  # score and softmax matrices, per key
+    stages = {
+        "modulate": x_in + modulate,
+        "qk_projection": x_in + m + 2 * ldl * c + lx(L, D, dl),
+        "qk_norm": x_in + m + 3 * ldl * c + ldl * norm_tmp,
+        "v_projection": x_in + m + 3 * ldl * c + lx(L, D, dl),
+        "rope": x_in + m + 4 * ldl * c + rope,
+        "kv_concat": x_in + m + 5 * ldl * c + (ldl * kvb if kv_dtype != compute else 0) + lc * dl * (f4 + up * c)
+        + (K - lc) * dl * c * int(kv_dtype != compute) + 2 * K * dl * c,
+        "attention": x_in + m + 4 * ldl * c + 2 * K * dl * c + math * K,
+        "o_projection": x_in + m + ldl * c + 2 * ld * c + lx(L, dl, D),
+        "gate_attention": x_in + gate,
+        "cross_qk": x32 + m + 2 * (ldl + tdl) * c + (ldl + tdl) * norm_tmp + lx(max(L, T), D, dl),
+        "cross_attention": x32 + m + (ldl + 2 * tdl) * c + ldl * c + math * T,
+        "cross_output": x32 + m + ldl * c + 2 * ld * c + lx(L, dl, D),
+        "cross_add": x32 + ld * f4 + ld * c,
+        "modulate_ffn": x32 + modulate,
+        "ffn_in": x32 + m + L * fl * c + lx(L, D, fl),
+        "ffn_gelu": x32 + m + 2 * L * fl * c,
+        "ffn_out": x32 + m + L * fl * c + 2 * ld * c + lx(L, fl, D),
+        "gate_ffn": x32 + gate,
+        "audio_adain": x_in + 2 * ld * c,
+        "audio_attention": x_in + m + 2 * ldl * c + ldl * norm_tmp + lx(L, D, dl),
+        "audio_output": x_in + m + ldl * c + 2 * ld * c + lx(L, dl, D),
+        "audio_add": 3 * ld * c,
+        "head": ld * c + (3 + up) * ld * f4 + 2 * L * cfg.out_dim * 4 * f4,
+    }
+    latents = cfg.num_frames_per_block * cfg.in_dim * (size[0] // 8) * (size[1] // 8) * f4
+    F = cfg.num_frames_per_block
+    # the sampler's latents, the two RoPE tables, the time embeddings and this block's modulation, audio tokens
+    call = latents + (L + lc) * hd * f4 + F * D * f4 * 25 + F * (cfg.num_audio_token + 2) * D * c
+    audio_frames = cfg.motion_frames[0] + 4 * cfg.num_frames_per_block
+    audio = 3 * cfg.num_wav2vec_layers * cfg.audio_dim * audio_frames * f4  # the layer mix's input copies
+    worst = max(stages, key=stages.get)
+    return {"peak": max(call + stages[worst], audio), "call_tensors": call, "worst_stage": stages[worst],
+            "audio_encoder": audio, **{f"stage_{k}": v for k, v in stages.items()}}
+
+
+def kv_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], kv_dtype: torch.dtype,
+             steps: int) -> tuple[int, int]:
+    """(rolling caches, sink) bytes on one rank: one rolling window per sampler step, one shared sink."""
+    fs, lc, _ = token_counts(cfg, size)
+    per_token = 2 * tp.shard(cfg.num_heads, "num_heads") * cfg.head_dim * _bytes(kv_dtype) * cfg.num_layers
+    return steps * cfg.clip_latent_frames * fs * per_token, lc * per_token
+
+
+def session_bytes(cfg: ModelConfig, compute: torch.dtype) -> int:
+    """Held for the whole stream: the embedded text context, and one block's audio tokens."""
+    c = _bytes(compute)
+    return cfg.text_len * cfg.dim * c + cfg.num_frames_per_block * (cfg.num_audio_token + 2) * cfg.dim * c
+
+
+def vae_decode_bytes(size: tuple[int, int], compute: torch.dtype) -> int:
+    """Estimate (not yet measured): decoding one latent frame into 4 pixel frames holds about 6 tensors
+    of 4 x H x W x base_dim at full resolution (conv input/output, residual, norm, causal cache)."""
+    return 6 * 4 * size[0] * size[1] * VAE_BASE_DIM * _bytes(compute)
+
+
+def make_plan(req: PlanRequest) -> Plan:
+    cfg = req.config
+    tp = 1 if req.replicated_dit else req.gpus
+    compute, kv = DTYPES[req.compute_dtype], DTYPES[req.kv_dtype]
+    if not req.replicated_dit:
+        TPGroup(0, tp).shard(cfg.num_heads, "num_heads")  # a clear error for degrees that split a head
+    fs, lc, _ = token_counts(cfg, req.size)
+    params = sum(math.prod(s) for k, s, tag in _full_tree(cfg, "bf16", None))
+    c = _bytes(compute)
+    ranks = []
+    act_detail: dict[str, int] = {}
+    # reference layout: DiT replicas run one sampler step each (timestep-forcing pipeline); a GPU beyond the
+    # steps only decodes (rank 4 of the reference's 5)
+    dit_ranks = min(req.gpus, req.steps) if req.replicated_dit else req.gpus
+    for rank in range(req.gpus):
+        group = TPGroup(rank if tp > 1 else 0, tp)
+        first, last = rank == 0, rank == req.gpus - 1
+        if rank >= dit_ranks:
+            b = {k: 0 for k in ranks[0].breakdown}
+            b["vae"] = ENCODERS["vae_decoder"] * c + vae_decode_bytes(req.size, compute) if req.vae == "gpu" else 0
+            b["reserve"] = RESERVE_BYTES
+            ranks.append(RankPlan(rank, b))
+            continue
+        b = weight_bytes(req, group.rank, tp)
+        steps_here = math.ceil(req.steps / dit_ranks) if req.replicated_dit else req.steps
+        rolling, sink = kv_bytes(cfg, group, req.size, kv, steps_here)
+        b["kv_rolling"] = rolling
+        b["kv_sink"] = sink
+        act = activation_bytes(cfg, group, req.size, compute, kv, req.precision, req.attention)
+        act_detail = act
+        b["activations"] = act["peak"]
+        b["session_tensors"] = session_bytes(cfg, compute)
+        b["t5"] = ENCODERS["t5"] * c if (req.t5 == "gpu" and first) else 0
+        b["wav2vec2"] = ENCODERS["wav2vec2"] * c if (req.wav2vec2 == "gpu" and first) else 0
+        b["vae"] = (ENCODERS["vae_decoder"] * c + vae_decode_bytes(req.size, compute)) \
+            if (req.vae == "gpu" and last and dit_ranks == req.gpus) else 0
+        b["reserve"] = RESERVE_BYTES
+        ranks.append(RankPlan(rank, b))
+    return Plan(req, tp, params, fs, lc, ranks, act_detail)
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:6.2f} GiB" if n >= 0.01 * GiB else f"{n / 2**20:6.1f} MiB"
+
+
+def format_plan(plan: Plan) -> str:
+    req = plan.request
+    layout = ("full DiT replica per GPU, one sampler step each (the reference's layout)" if req.replicated_dit
+              else f"tensor parallel x{plan.tp}")
+    lines = [f"{req.config.name}: {plan.params:,} parameters; {req.precision} weights, KV cache {req.kv_dtype}, "
+             f"compute {req.compute_dtype}",
+             f"{req.gpus} GPU(s) x {req.vram / GiB:.0f} GiB, {layout}; {req.size[0]}x{req.size[1]}: "
+             f"{plan.tokens_per_frame} tokens per latent frame, {req.config.num_frames_per_block * plan.tokens_per_frame}"
+             f" per block, sink {plan.sink_tokens}",
+             f"{'per rank':36s}" + "".join(f"{'rank ' + str(r.rank):>12s}" for r in plan.ranks)]
+    for key in plan.ranks[0].breakdown:
+        if any(r.breakdown[key] for r in plan.ranks):
+            lines.append(f"  {key:34s}" + "".join(f"{_fmt(r.breakdown[key]):>12s}" for r in plan.ranks))
+    lines.append(f"  {'peak':34s}" + "".join(f"{_fmt(r.peak):>12s}" for r in plan.ranks))
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(f"{verdict}: largest rank {plan.peak_bytes_per_rank / GiB:.2f} GiB of {req.vram / GiB:.0f} GiB "
+                 f"({'headroom' if plan.fits else 'short by'} {abs(plan.headroom) / GiB:.2f} GiB); reserve "
+                 f"{RESERVE_BYTES / GiB:.1f} GiB for CUDA context, workspaces and fragmentation included")
+    notes = ["T5 on " + ("rank 0" if req.t5 == "gpu" else "CPU (prompt embeddings cached on disk)"),
+             "wav2vec2 on " + ("rank 0" if req.wav2vec2 == "gpu" else "CPU"),
+             "VAE decode on " + (f"rank {req.gpus - 1}" if req.vae == "gpu" else "CPU") + " (activation estimate)"]
+    lines.append("placement: " + "; ".join(notes))
+    return "\n".join(lines)
+
+
+def valid_degrees(cfg: ModelConfig, max_gpus: int) -> list[int]:
+    return [n for n in range(1, max_gpus + 1) if cfg.num_heads % n == 0]
+
+
+def find_recipe(base: PlanRequest, max_gpus: int, goal: str) -> Optional[Plan]:
+    """The cheapest plan that fits: goal 'fewest-gpus' (then best quality) or 'quality' (then fewest GPUs)."""
+    options = []
+    for gpus in valid_degrees(base.config, max_gpus):
+        for qi, precision in enumerate(PRECISIONS):
+            for ki, kv in enumerate(("bf16", "fp8")):
+                req = PlanRequest(**{**asdict(base), "config": base.config, "gpus": gpus, "precision": precision,
+                                     "kv_dtype": kv, "stored": None})
+                plan = make_plan(req)
+                if plan.fits:
+                    key = (gpus, qi, ki) if goal == "fewest-gpus" else (qi, ki, gpus)
+                    options.append((key, plan))
+    return min(options, key=lambda o: o[0])[1] if options else None

@@ -1,0 +1,171 @@
+"""`qavatar plan`: the 14B verdicts, the JSON contract, recipes, and agreement with measured memory."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qavatar.cli import app
+from qavatar.errors import ConfigError
+from qavatar.model import PRESETS
+from qavatar.parallel.launch import init_tp, spawn_ranks
+from qavatar.parallel.load import load_rank
+from qavatar.parallel.measure import AllocationTracker, held_bytes
+from qavatar.parallel.plan import ENCODERS, GiB, PlanRequest, find_recipe, make_plan, weight_bytes
+from qavatar.quant import QuantConfig
+from qavatar.quant.convert import quantize_checkpoint
+
+runner = CliRunner()
+B14 = PRESETS["liveavatar-14b"]
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_14b_8bit_tp4_fits_24gb_with_headroom(precision):
+    plan = make_plan(PlanRequest(B14, gpus=4, vram=24 * GiB, precision=precision, size=(704, 384)))
+    assert plan.fits and plan.headroom > 2 * GiB
+    assert plan.params == 16_295_755_609
+    b = plan.worst.breakdown
+    assert b["kv_rolling"] == 4 * 12 * 1056 * 40 * 2 * 10 * 128 * 2  # 4 step caches, 10 heads of 40 per rank
+    assert b["kv_sink"] == 2640 * 40 * 2 * 10 * 128 * 2
+    assert b["weights_8bit_sharded"] == 15_309_209_600 // 4  # blocks + injector q/k/v/o, a quarter each
+    assert plan.sink_tokens == 2640 and plan.tokens_per_frame == 1056
+
+
+def test_reference_layout_in_bf16_does_not_fit_24gb():
+    plan = make_plan(PlanRequest(B14, gpus=5, vram=24 * GiB, precision="bf16", replicated_dit=True))
+    assert not plan.fits
+    assert plan.worst.breakdown["params_bf16_replicated"] == pytest.approx(2 * 16_295_755_609, rel=1e-9)
+    assert plan.ranks[4].breakdown["kv_rolling"] == 0 and plan.ranks[4].breakdown["vae"] > 0  # the decode GPU
+    # sharding alone brings bf16 within reach of 4 x 24 GB, with little room to spare
+    bf16_tp4 = make_plan(PlanRequest(B14, gpus=4, vram=24 * GiB, precision="bf16"))
+    fp8_tp4 = make_plan(PlanRequest(B14, gpus=4, vram=24 * GiB, precision="fp8"))
+    assert bf16_tp4.headroom < fp8_tp4.headroom - 3 * GiB
+
+
+def test_fp8_kv_cache_halves_the_cache():
+    a = make_plan(PlanRequest(B14, gpus=4, precision="fp8"))
+    b = make_plan(PlanRequest(B14, gpus=4, precision="fp8", kv_dtype="fp8"))
+    assert b.worst.breakdown["kv_rolling"] * 2 == a.worst.breakdown["kv_rolling"]
+
+
+def test_bad_degree():
+    with pytest.raises(ConfigError, match="num_heads=40 is not divisible by the tensor-parallel degree 3"):
+        make_plan(PlanRequest(B14, gpus=3))
+    five = make_plan(PlanRequest(B14, gpus=5, precision="int8"))  # FFN 13824 splits 2765 x 4 + 2764
+    assert five.ranks[0].breakdown["weights_8bit_sharded"] > five.ranks[4].breakdown["weights_8bit_sharded"]
+
+
+def test_recipes():
+    fewest = find_recipe(PlanRequest(B14, vram=24 * GiB), 8, "fewest-gpus")
+    assert fewest.fits and fewest.request.gpus == min(
+        n for n in (1, 2, 4, 5, 8) if any(make_plan(PlanRequest(B14, gpus=n, vram=24 * GiB, precision=p, kv_dtype=k)).fits
+                                          for p in ("int8", "fp8", "int8-wo", "fp8-wo", "bf16") for k in ("bf16", "fp8")))
+    best = find_recipe(PlanRequest(B14, vram=24 * GiB), 4, "quality")
+    assert best.fits and best.request.gpus <= 4
+    assert find_recipe(PlanRequest(B14, vram=8 * GiB), 2, "fewest-gpus") is None
+
+
+def test_cli_json_contract():
+    r = runner.invoke(app, ["plan", "--gpus", "4", "--vram", "24GiB", "--precision", "fp8", "--size", "704*384",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["fits"] is True and isinstance(out["peak_bytes_per_rank"], int) and out["params"] == 16_295_755_609
+    assert set(out["breakdown"]) >= {"kv_rolling", "kv_sink", "activations", "reserve", "vae"}
+    assert out["peak_bytes_per_rank"] == sum(out["breakdown"].values())
+    r = runner.invoke(app, ["plan", "--gpus", "5", "--precision", "bf16", "--replicated"])
+    assert r.exit_code == 1 and "DOES NOT FIT" in r.output
+    r = runner.invoke(app, ["plan", "--gpus", "8", "--recipe", "fewest-gpus"])
+    assert r.exit_code == 0 and "cheapest recipe (fewest-gpus): --gpus" in r.output
+
+
+def test_encoder_sizes_match_the_libraries():
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        t5 = transformers.UMT5EncoderModel(transformers.UMT5Config(
+            vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+            feed_forward_proj="gated-gelu"))
+        w2v = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+            feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True))
+        vae = diffusers.AutoencoderKLWan()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(t5) == ENCODERS["t5"] and count(w2v) == ENCODERS["wav2vec2"]
+    assert count(vae.decoder) == ENCODERS["vae_decoder"] and count(vae.encoder) == ENCODERS["vae_encoder"]
+
+
+# ------------------------------------------------------------------ the plan against measurement (CPU)
+SIZE = (256, 128)  # 128 tokens per latent frame
+
+
+@pytest.fixture(scope="module")
+def ckpts(toy_ckpt, tmp_path_factory):
+    q = quantize_checkpoint(toy_ckpt, tmp_path_factory.mktemp("plan") / "int8", QuantConfig("int8"),
+                            calibration="none", log=lambda s: None).out
+    return {"bf16": str(toy_ckpt), "int8": str(q)}
+
+
+def _measure(rank: int, world: int, paths: dict) -> dict:
+    from qavatar.model.streaming import StreamingSession, flow_match_schedule
+
+    torch.set_num_threads(1)
+    tp = init_tp(world, timeout_s=60)
+    out = {}
+    for name, path in paths.items():
+        model = load_rank(path, tp).model
+        cfg = model.cfg
+        lh, lw = SIZE[0] // 8, SIZE[1] // 8
+        g = torch.Generator().manual_seed(0)
+        ref, motion = torch.randn(1, 16, 1, lh, lw, generator=g), torch.randn(1, 16, 19, lh, lw, generator=g)
+        s = StreamingSession(model, torch.randn(1, 9, cfg.text_dim, generator=g), ref, motion,
+                             *flow_match_schedule(), seed=0)
+        noise, audio = torch.randn(1, 16, 3, lh, lw, generator=g), torch.randn(1, 25, cfg.audio_dim, 12, generator=g)
+        peak = 0
+        for _ in range(5):  # the window is full from the 5th block on
+            tracker = AllocationTracker()
+            with tracker:
+                s.denoise_block(noise, audio)
+            peak = max(peak, tracker.peak)
+        out[name] = {"held": held_bytes(model), "kv": s.cache_bytes(), "context": s.context.numel() * 4,
+                     "activations": peak}
+    return out
+
+
+@pytest.fixture(scope="module")
+def measured(ckpts):
+    res = {1: [_measure(0, 1, ckpts)]}
+    for world in (2, 4):
+        res[world] = spawn_ranks(_measure, world, args=(world, ckpts), timeout_s=120)
+    return res
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_plan_agrees_with_measurement(measured, ckpts, name, world):
+    from qavatar.checkpoint import CheckpointReader
+    from qavatar.checkpoint.load import find_dit_dir
+
+    reader = CheckpointReader(find_dit_dir(ckpts[name]))
+    stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
+    req = PlanRequest(PRESETS["tiny"], gpus=world, precision=name, size=SIZE, compute_dtype="fp32", kv_dtype="fp32",
+                      vae="cpu", attention="flash", stored=stored if name != "bf16" else None)
+    plan = make_plan(req)
+    for rank in range(world):
+        m = measured[world][rank][name]
+        b = plan.ranks[rank].breakdown
+        held = sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params")))
+        assert held == m["held"]  # parameter and buffer bytes: exact
+        assert b["kv_rolling"] + b["kv_sink"] == m["kv"]  # caches: exact
+        assert abs(b["activations"] - m["activations"]) <= 0.10 * m["activations"], (b["activations"], m)
+        planned = held + b["kv_rolling"] + b["kv_sink"] + b["activations"] + b["session_tensors"]
+        got = m["held"] + m["kv"] + m["activations"] + m["context"]
+        assert abs(planned - got) <= 0.10 * got
+
+
+def test_weight_bytes_shrink_with_tp():
+    full = weight_bytes(PlanRequest(B14, gpus=1, precision="int8"), 0, 1)
+    four = weight_bytes(PlanRequest(B14, gpus=4, precision="int8"), 0, 4)
+    assert full["weights_8bit_replicated"] == 15_938_355_200  # every quantized Linear, whole, on one GPU
+    assert four["weights_8bit_sharded"] * 4 == 15_309_209_600  # blocks + injector q/k/v/o, a quarter each
+    assert four["weights_8bit_replicated"] == 629_145_600  # the 12 AdaLayerNorm projections stay whole
