@@ -64,12 +64,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Boxed:
+    """A tensor crossing the result pipe as plain bytes (torch's fd-sharing pickles die with the rank)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.array = t.detach().cpu().numpy()
+        self.dtype = t.dtype
+
+    def unbox(self) -> torch.Tensor:
+        return torch.from_numpy(self.array).to(self.dtype)
+
+
+def _box(x: Any) -> Any:
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda v: _Boxed(v) if isinstance(v, torch.Tensor) else v, x)
+
+
+def _unbox(x: Any) -> Any:
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda v: v.unbox() if isinstance(v, _Boxed) else v, x)
+
+
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the CPU cores, as torchrun's OMP=1
     try:
         result = fn(rank, *args)
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _box(result)))
     except BaseException as e:  # report, then let the process die with an error
         queue.put((rank, "error", f"{e.__class__.__name__}: {e}" if isinstance(e, QavatarError) else
                    traceback.format_exc(limit=6)))
@@ -90,8 +114,9 @@ def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple = (), start_meth
 
     method = start_method or ("fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
                               else "spawn")
-    ctx = mp.get_context(method)
-    queue = ctx.SimpleQueue()
+    import multiprocessing
+
+    queue = multiprocessing.get_context(method).SimpleQueue()  # plain pickling: results outlive the ranks
     port = free_port()
     context = mp.start_processes(_entry, args=(world, port, fn, args, queue), nprocs=world, join=False,
                                  start_method=method)
@@ -106,7 +131,7 @@ def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple = (), start_meth
         raise RankError(f"rank {failed[0][0] if failed else e.error_index} failed: {detail}; all {world} ranks "
                         f"were stopped") from None
     reports += _drain(queue)
-    return [r[2] for r in sorted((r for r in reports if r[1] == "ok"), key=lambda r: r[0])]
+    return [_unbox(r[2]) for r in sorted((r for r in reports if r[1] == "ok"), key=lambda r: r[0])]
 
 
 def _drain(queue) -> list:

@@ -8,6 +8,7 @@ scales on sm89+, and fp8 elsewhere falls back to weight-only, saying so once.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
@@ -22,10 +23,11 @@ _noticed: set[str] = set()
 
 
 def notice_once(msg: str) -> None:
-    """One line on stderr, once per process (quiet fallbacks are bugs)."""
+    """One line on stderr, once per run (quiet fallbacks are bugs); under tensor parallelism rank 0 says it."""
     if msg not in _noticed:
         _noticed.add(msg)
-        print(f"qavatar: {msg}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"qavatar: {msg}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- quantizers
