@@ -135,6 +135,8 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
          vae: str = typer.Option("gpu", help="Where the VAE decodes: gpu (last rank) | cpu."),
          wav2vec2: str = typer.Option("cpu", help="Where wav2vec2 runs: cpu | gpu."),
          replicated: bool = typer.Option(False, "--replicated", help="The reference layout: a whole DiT per GPU."),
+         pipeline: int = typer.Option(1, help="Sampler-step pipeline stages, each TP over gpus/pipeline ranks "
+                                              "(sizing only)."),
          recipe: Optional[str] = typer.Option(None, help="Find the cheapest setup that fits, up to --gpus: "
                                                           "fewest-gpus | quality."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
@@ -147,7 +149,8 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
         cfg = resolve_config(config)
         h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
         req = PlanRequest(cfg, gpus=gpus, vram=parse_bytes(vram), precision=precision, size=(h, w),
-                          kv_dtype=kv_dtype, t5=t5, vae=vae, wav2vec2=wav2vec2, replicated_dit=replicated)
+                          kv_dtype=kv_dtype, t5=t5, vae=vae, wav2vec2=wav2vec2, replicated_dit=replicated,
+                          pipeline=pipeline)
         if recipe:
             if recipe not in ("fewest-gpus", "quality"):
                 raise QavatarError("--recipe is fewest-gpus or quality")

@@ -18,6 +18,9 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     process_group: Any = None  # a torch.distributed ProcessGroup when size > 1
+    # int8 row-parallel layers all-reduce their exact int32 accumulators (bit-identical to one GPU); False
+    # reduces the dequantized partials in the compute dtype instead: half the bytes on bf16 GPUs
+    exact_int8_reduce: bool = True
 
     def shard(self, n: int, what: str) -> int:
         """Size of this rank's slice of n (attention heads and the widths tied to them); must divide evenly."""

@@ -29,7 +29,8 @@ def backend_for(device: "str | torch.device") -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> TPGroup:
+def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
+            exact_int8_reduce: bool = True) -> TPGroup:
     """Join the process group torchrun (or spawn_ranks) described in the environment; check the world size."""
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     if tp == 1 and env["WORLD_SIZE"] in (None, "1"):
@@ -55,7 +56,7 @@ def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DE
             raise RankError(f"rank {rank}: could not form the {world}-rank group at {env['MASTER_ADDR']}:"
                             f"{env['MASTER_PORT']} within {timeout_s:g} s (did every rank start?): "
                             f"{str(e).splitlines()[0][:200]}") from None
-    return TPGroup(rank, world, dist.group.WORLD)
+    return TPGroup(rank, world, dist.group.WORLD, exact_int8_reduce)
 
 
 def free_port() -> int:

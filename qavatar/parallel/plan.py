@@ -52,6 +52,7 @@ class PlanRequest:
     wav2vec2: str = "cpu"
     attention: str = "flash"  # flash (GPU kernels, no score matrix) | math (scores materialised)
     replicated_dit: bool = False  # the reference layout (TPP): a whole DiT per GPU, one sampler step each
+    pipeline: int = 1  # sampler-step pipeline stages, each a TP group of gpus/pipeline ranks (sizing only)
     stored: Optional[dict[str, tuple[int, ...]]] = None  # checkpoint key shapes, for the exact quantized tree
 
     def __post_init__(self) -> None:
@@ -149,7 +150,7 @@ def weight_bytes(req: PlanRequest, rank: int, tp: int) -> dict[str, int]:
            f"params_{req.compute_dtype}_sharded": 0, f"params_{req.compute_dtype}_replicated": 0}
     for key, shape, tag in _full_tree(req.config, req.precision, stored_key):
         numel = math.prod(shape)
-        dim = None if req.replicated_dit else shard_dim(key)
+        dim = shard_dim(key)
         if dim is not None and tp > 1:
             start, stop = shard_range(key, shape[dim], group)
             numel = numel // shape[dim] * (stop - start)
@@ -271,22 +272,30 @@ def vae_decode_bytes(size: tuple[int, int], compute: torch.dtype) -> int:
     return 6 * 4 * size[0] * size[1] * VAE_BASE_DIM * _bytes(compute)
 
 
+def layout(req: PlanRequest) -> tuple[int, int]:
+    """(pipeline stages, TP degree per stage). The reference layout is one replica per sampler step."""
+    if req.replicated_dit:
+        return min(req.gpus, req.steps), 1
+    if req.pipeline < 1 or req.gpus % req.pipeline:
+        raise ConfigError(f"--pipeline {req.pipeline} must divide --gpus {req.gpus}")
+    if req.pipeline > req.steps:
+        raise ConfigError(f"--pipeline {req.pipeline}: at most one stage per sampler step ({req.steps})")
+    return req.pipeline, req.gpus // req.pipeline
+
+
 def make_plan(req: PlanRequest) -> Plan:
     cfg = req.config
-    tp = 1 if req.replicated_dit else req.gpus
+    stages, tp = layout(req)
     compute, kv = DTYPES[req.compute_dtype], DTYPES[req.kv_dtype]
-    if not req.replicated_dit:
-        TPGroup(0, tp).shard(cfg.num_heads, "num_heads")  # a clear error for degrees that split a head
+    TPGroup(0, tp).shard(cfg.num_heads, "num_heads")  # a clear error for degrees that split a head
     fs, lc, _ = token_counts(cfg, req.size)
     params = sum(math.prod(s) for k, s, tag in _full_tree(cfg, "bf16", None))
     c = _bytes(compute)
     ranks = []
     act_detail: dict[str, int] = {}
-    # reference layout: DiT replicas run one sampler step each (timestep-forcing pipeline); a GPU beyond the
-    # steps only decodes (rank 4 of the reference's 5)
-    dit_ranks = min(req.gpus, req.steps) if req.replicated_dit else req.gpus
+    dit_ranks = stages * tp  # GPUs beyond the DiT's only decode (the 5th GPU of the reference's layout)
     for rank in range(req.gpus):
-        group = TPGroup(rank if tp > 1 else 0, tp)
+        group = TPGroup(rank % tp, tp)
         first, last = rank == 0, rank == req.gpus - 1
         if rank >= dit_ranks:
             b = {k: 0 for k in ranks[0].breakdown}
@@ -295,8 +304,7 @@ def make_plan(req: PlanRequest) -> Plan:
             ranks.append(RankPlan(rank, b))
             continue
         b = weight_bytes(req, group.rank, tp)
-        steps_here = math.ceil(req.steps / dit_ranks) if req.replicated_dit else req.steps
-        rolling, sink = kv_bytes(cfg, group, req.size, kv, steps_here)
+        rolling, sink = kv_bytes(cfg, group, req.size, kv, math.ceil(req.steps / stages))  # its steps' caches
         b["kv_rolling"] = rolling
         b["kv_sink"] = sink
         act = activation_bytes(cfg, group, req.size, compute, kv, req.precision, req.attention)
@@ -318,11 +326,13 @@ def _fmt(n: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     req = plan.request
-    layout = ("full DiT replica per GPU, one sampler step each (the reference's layout)" if req.replicated_dit
-              else f"tensor parallel x{plan.tp}")
+    stages, _ = layout(req)
+    where = ("full DiT replica per GPU, one sampler step each (the reference's layout)" if req.replicated_dit
+             else f"tensor parallel x{plan.tp}" + (f" in each of {stages} sampler-step pipeline stages (sizing only:"
+                                                   f" qavatar runs one stage today)" if stages > 1 else ""))
     lines = [f"{req.config.name}: {plan.params:,} parameters; {req.precision} weights, KV cache {req.kv_dtype}, "
              f"compute {req.compute_dtype}",
-             f"{req.gpus} GPU(s) x {req.vram / GiB:.0f} GiB, {layout}; {req.size[0]}x{req.size[1]}: "
+             f"{req.gpus} GPU(s) x {req.vram / GiB:.0f} GiB, {where}; {req.size[0]}x{req.size[1]}: "
              f"{plan.tokens_per_frame} tokens per latent frame, {req.config.num_frames_per_block * plan.tokens_per_frame}"
              f" per block, sink {plan.sink_tokens}",
              f"{'per rank':36s}" + "".join(f"{'rank ' + str(r.rank):>12s}" for r in plan.ranks)]
@@ -342,6 +352,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def valid_degrees(cfg: ModelConfig, max_gpus: int) -> list[int]:
+    """TP degrees that keep whole heads on each rank."""
     return [n for n in range(1, max_gpus + 1) if cfg.num_heads % n == 0]
 
 

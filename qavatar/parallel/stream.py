@@ -65,7 +65,7 @@ def stream_latents(checkpoint: "str | Path", tp: TPGroup, blocks: int, latent_hw
 
 
 def _rank_main(rank: int, args: argparse.Namespace) -> dict:
-    tp = init_tp(args.tp, device=args.device, timeout_s=args.timeout)
+    tp = init_tp(args.tp, device=args.device, timeout_s=args.timeout, exact_int8_reduce=not args.bf16_reduce)
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     h, w = (int(v) for v in args.size.split("*"))
@@ -84,6 +84,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--bf16-reduce", action="store_true",
+                    help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "
+                         "int32 reduction; not bit-identical to one GPU)")
     args = ap.parse_args(argv)
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         reports = [_rank_main(int(os.environ["RANK"]), args)]

@@ -79,6 +79,8 @@ class QuantLinear(nn.Module):
             kernel = pick_int8_kernel(x.device, x.shape[0], self.in_features, self.out_features, self.kernel_override)
             xq, sx = quantize_activation(x, torch.int8, self._activation_absmax(x))
             acc = int8_accumulate(xq, wq, "dequant" if kernel == "emulate" else kernel)
+            if self.row_parallel and self.tp.size > 1 and not self.tp.exact_int8_reduce:
+                return self._reduce((acc.float() * sx * sw.t()).to(compute if compute != torch.float32 else x.dtype))
             # integer partial sums reduce exactly: a row-parallel int8 layer equals the unsharded one bit for bit
             return self._reduce(acc).float() * sx * sw.t()
         return self._reduce(self._fp8(x, compute))
