@@ -6,7 +6,12 @@ tokens) plus the 2640-token sink, as a streaming call does. Weights are random (
 For bf16, int8, fp8, int8-wo and fp8-wo: milliseconds per forward, peak memory, and SQNR of the block output
 against bf16 (and of bf16 against an fp32 block). Which kernel ran is printed too.
 
-    python scripts/gpu_check.py [--iters 10] [--json OUT.json]
+Then (--tp-rank, on by default) rank 0 of a TP=4 liveavatar-14b in fp8, built at its real sharded shapes
+with random weights under a fake process group (collectives are no-ops, memory is real): a stream session
+at 704x384 with the rolling window full runs one block, and torch.cuda.max_memory_allocated is compared
+with what `qavatar plan --gpus 4 --precision fp8` plans for that rank (weights + KV + activations).
+
+    python scripts/gpu_check.py [--iters 10] [--json OUT.json] [--no-tp-rank]
 """
 from __future__ import annotations
 
@@ -90,10 +95,77 @@ def run(block, args, dtype, device, iters):
     return out, t0.elapsed_time(t1) / iters, torch.cuda.max_memory_allocated() - base
 
 
+def tp_rank_check(precision: str = "fp8", tp_size: int = 4, preset: str = "liveavatar-14b", device: str = "cuda",
+                  size: tuple[int, int] = (704, 384)) -> dict:
+    """Rank 0 of TP=tp_size at the real 14B shapes: measured peak vs the plan (device="cpu" dry-runs the flow
+    on a small preset, without memory figures)."""
+    import time
+
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from qavatar.model import PRESETS, build_model
+    from qavatar.model.streaming import StreamingSession, flow_match_schedule
+    from qavatar.parallel import TPGroup
+    from qavatar.parallel.plan import GiB, PlanRequest, make_plan
+
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp_size)
+    tp = TPGroup(0, tp_size, dist.group.WORLD)
+    cfg = PRESETS[preset]
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    with torch.device("meta"):
+        model = build_model(cfg, tp)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=p.dtype) / fan_in ** 0.5)
+    if precision != "bf16":
+        quantize_(model, QuantConfig(precision))
+    if cuda:
+        torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated() if cuda else 0
+    h, w = size[0] // 8, size[1] // 8
+    gc = torch.Generator().manual_seed(0)
+    ref = torch.randn(1, 16, 1, h, w, generator=gc)
+    session = StreamingSession(model, torch.randn(1, 20, cfg.text_dim, generator=gc), ref,
+                               ref.expand(-1, -1, 19, -1, -1), *flow_match_schedule(), seed=0)
+    session.next_frame = cfg.clip_latent_frames  # the window is full: attend to all 12 frames + the sink
+    noise = torch.randn(1, 16, 3, h, w, generator=gc)
+    audio = torch.randn(1, 25, cfg.audio_dim, 12, generator=gc)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    session.denoise_block(noise, audio)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    plan = make_plan(PlanRequest(cfg, gpus=tp_size, precision=precision, vae="cpu", size=size,
+                                 compute_dtype="bf16" if cuda else "fp32", kv_dtype="bf16" if cuda else "fp32"))
+    b = plan.ranks[0].breakdown
+    planned = sum(v for k, v in b.items() if k not in ("reserve", "vae", "t5", "wav2vec2"))
+    out = {"precision": precision, "tp": tp_size, "weights_measured_gib": weights / GiB,
+           "weights_planned_gib": sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params"))) / GiB,
+           "kv_planned_gib": (b["kv_rolling"] + b["kv_sink"]) / GiB, "kv_measured_gib": session.cache_bytes() / GiB,
+           "peak_measured_gib": peak / GiB, "peak_planned_gib": planned / GiB,
+           "seconds_per_block_4_steps": seconds}
+    print(f"TP={tp_size} rank 0, {precision}, {size[0]}x{size[1]}, window full: weights {out['weights_measured_gib']:.2f} GiB "
+          f"(plan {out['weights_planned_gib']:.2f}), KV {out['kv_measured_gib']:.2f} (plan {out['kv_planned_gib']:.2f}),"
+          f" peak {out['peak_measured_gib']:.2f} GiB (plan without reserve {out['peak_planned_gib']:.2f}); one block "
+          f"(4 calls, collectives faked) {seconds:.2f} s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-tp-rank", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check runs on a GPU session")
@@ -129,9 +201,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['precision']} | {r['kernel']} | {r['ms']:.2f} | {r['weights_mb']:.0f} | {r['peak_extra_mb']:.0f} "
               f"| {r['sqnr_vs_bf16_db']:.1f} | {r['sqnr_vs_fp32_db']:.1f} |")
+    del bf16
+    torch.cuda.empty_cache()
+    tp_rank = None if args.no_tp_rank else tp_rank_check()
     out_path = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     if out_path:
-        out_path.write_text(json.dumps({"device": name, "capability": cap, "rows": rows}, indent=2))
+        out_path.write_text(json.dumps({"device": name, "capability": cap, "rows": rows, "tp_rank": tp_rank},
+                                       indent=2))
 
 
 if __name__ == "__main__":
