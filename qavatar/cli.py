@@ -36,15 +36,17 @@ def toy_checkpoint(out: Path = typer.Argument(..., help="Output directory (creat
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="Checkpoint directory (or the ckpt/ root above it)."),
+def inspect(path: str = typer.Argument(..., help="Checkpoint directory (or the ckpt/ root above it), or "
+                                                 "ORG/NAME[@REVISION] on the Hugging Face Hub."),
             config: Optional[str] = typer.Option(None, help="Check keys against this preset instead of config.json."),
             verify: bool = typer.Option(False, help="Hash every file against the manifest."),
             as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
     """Parameters, bytes per dtype, shards, key check against the config, quantization and LoRA status."""
     from .checkpoint.inspect import format_report, inspect_checkpoint
+    from .hub import resolve_checkpoint
 
     try:
-        report = inspect_checkpoint(path, config=config, verify=verify)
+        report = inspect_checkpoint(resolve_checkpoint(path), config=config, verify=verify)
     except QavatarError as e:
         _fail(e)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
@@ -127,9 +129,12 @@ def quantize(ckpt: Path = typer.Argument(..., help="bf16 checkpoint (Wan2.2-S2V-
 @app.command()
 def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
          vram: str = typer.Option("24GiB", help="Memory per GPU, e.g. 24GiB, 48GB."),
-         precision: str = typer.Option("fp8", help="bf16 | int8 | fp8 | int8-wo | fp8-wo"),
+         precision: Optional[str] = typer.Option(None, help="bf16 | int8 | fp8 | int8-wo | fp8-wo (default: the "
+                                                             "checkpoint's, else fp8)"),
          size: str = typer.Option("704*384", help="Video size H*W in pixels."),
          config: str = typer.Option("liveavatar-14b", help="Model preset or path to a config.json / checkpoint."),
+         checkpoint: Optional[str] = typer.Option(None, help="Plan for this checkpoint (directory or ORG/NAME[@REV]"
+                                                             "; only its config.json is read or downloaded)."),
          kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp8."),
          t5: str = typer.Option("cpu", help="Where umT5 runs: cpu | gpu."),
          vae: str = typer.Option("gpu", help="Where the VAE decodes: gpu (last rank) | cpu."),
@@ -147,6 +152,18 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
 
     try:
         cfg = resolve_config(config)
+        if checkpoint:
+            from .checkpoint.load import find_dit_dir
+            from .hub import looks_like_repo, resolve_checkpoint
+            from .model import from_wan_config
+
+            where = resolve_checkpoint(checkpoint, files="config")
+            raw = json.loads(((where if looks_like_repo(checkpoint) else find_dit_dir(where)) / "config.json")
+                             .read_text())
+            cfg = from_wan_config(raw, name=checkpoint)
+            qscheme = (raw.get("quantization_config") or {}).get("qavatar", {}).get("scheme", {})
+            precision = precision or qscheme.get("precision", "bf16")
+        precision = precision or "fp8"
         h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
         req = PlanRequest(cfg, gpus=gpus, vram=parse_bytes(vram), precision=precision, size=(h, w),
                           kv_dtype=kv_dtype, t5=t5, vae=vae, wav2vec2=wav2vec2, replicated_dit=replicated,
@@ -170,6 +187,23 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
         typer.echo(format_plan(result))
     if not result.fits:
         raise typer.Exit(1)
+
+
+@app.command()
+def push(ckpt: Path = typer.Argument(..., help="A complete qavatar checkpoint directory."),
+         repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub."),
+         private: bool = typer.Option(False, "--private", help="Create the repo private."),
+         revision: Optional[str] = typer.Option(None, help="Branch to commit to (created if needed)."),
+         message: Optional[str] = typer.Option(None, help="Commit message.")) -> None:
+    """Publish a checkpoint with a generated model card, in one commit (token: HF_TOKEN or `hf auth login`)."""
+    from .hub import push as push_checkpoint
+
+    try:
+        result = push_checkpoint(ckpt, repo_id, private=private, revision=revision, message=message, log=typer.echo)
+    except QavatarError as e:
+        _fail(e)
+    typer.echo(f"pushed {len(result.files)} files to {result.repo_id}@{result.revision}: {result.commit_url}"
+               + (" (model card generated)" if result.card_generated else ""))
 
 
 @app.command()

@@ -10,7 +10,7 @@ from ..model import ModelConfig, from_wan_config, resolve_config
 from .load import find_dit_dir, find_lora, model_shapes
 from .lora import LoraAdapter
 from .reader import CheckpointReader
-from .writer import verify_manifest
+from .writer import MANIFEST, verify_manifest
 
 QUANT_AUX = (".weight_scale", ".input_scale", ".smooth_scale")
 
@@ -73,7 +73,15 @@ def inspect_checkpoint(path: "str | Path", config: Optional[str] = None, verify:
             report["lora"] = {"path": str(lora_path), "valid": False, "error": str(e)}
     report["manifest"] = {"present": reader.has_manifest}
     if reader.has_manifest:
-        report["manifest"]["problems"] = verify_manifest(dit_dir, hashes=verify)
+        import json
+
+        listed = set(json.loads((dit_dir / MANIFEST).read_text()).get("files", {}))
+        here = {p.relative_to(dit_dir).as_posix() for p in dit_dir.rglob("*") if p.is_file()}
+        weights = {f.name for f in reader.files} | {"config.json"}
+        # side files (report, statistics) may be left out of a download; weights and config may not
+        report["manifest"]["absent"] = sorted(listed - here)
+        report["manifest"]["problems"] = verify_manifest(dit_dir, hashes=verify, only=sorted(listed & here)) + [
+            f"{dit_dir / f}: missing (listed in {MANIFEST})" for f in sorted((listed - here) & weights)]
         report["manifest"]["hashes_checked"] = verify
     report["ok"] = not (report.get("missing_keys") or report.get("unexpected_keys") or report.get("shape_mismatches")
                         or (report.get("lora") and not report["lora"]["valid"])
@@ -122,6 +130,8 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         state = "; ".join(m["problems"]) if m["problems"] else (
             "sha256 verified" if m["hashes_checked"] else "sizes match (use --verify to hash)")
+        if m.get("absent"):
+            state += f"; not here (side files): {', '.join(m['absent'])}"
         lines.append(f"manifest    {state}")
     return "\n".join(lines)
 

@@ -65,6 +65,9 @@ def stream_latents(checkpoint: "str | Path", tp: TPGroup, blocks: int, latent_hw
 
 
 def _rank_main(rank: int, args: argparse.Namespace) -> dict:
+    from ..hub import resolve_checkpoint
+
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # ORG/NAME[@REV]: from the Hub cache
     tp = init_tp(args.tp, device=args.device, timeout_s=args.timeout, exact_int8_reduce=not args.bf16_reduce)
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

@@ -1,0 +1,52 @@
+"""`--checkpoint ORG/NAME[@REVISION]`: fetch a published checkpoint into the standard Hugging Face cache.
+
+snapshot_download honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and revisions, and fetches only the files
+a command needs (plan reads config.json alone). Every downloaded file is then checked against the
+checkpoint's sha256 manifest, so a corrupted download stops with a clear error instead of a broken model.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..checkpoint.writer import MANIFEST, verify_manifest
+from ..errors import CheckpointError
+
+_REPO = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
+# what loading needs (not calibration_stats.safetensors, which only re-quantizing uses)
+WEIGHTS = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+           MANIFEST, "quantization_report.json", "README.md"]
+
+
+def looks_like_repo(spec: str) -> bool:
+    """ORG/NAME[@REVISION] that is not a local path."""
+    return bool(_REPO.match(spec)) and not Path(spec.split("@")[0]).exists()
+
+
+def resolve_checkpoint(spec: "str | Path", files: str = "weights") -> Path:
+    """A local path as it is; ORG/NAME[@REV] downloaded (files="weights" or "config") and verified."""
+    spec = str(spec)
+    if not looks_like_repo(spec):
+        return Path(spec)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, _, revision = spec.partition("@")
+    patterns = ["config.json"] if files == "config" else WEIGHTS
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
+                                      endpoint=os.environ.get("HF_ENDPOINT") or None))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{spec}: not in the local cache and the Hub is unreachable (HF_HUB_OFFLINE?)") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{spec}: download failed: {str(e).splitlines()[0]}") from None
+    if files != "config":
+        present = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+        if MANIFEST not in present:
+            raise CheckpointError(f"{spec}: has no {MANIFEST}; not a checkpoint published by qavatar")
+        problems = verify_manifest(path, hashes=True, only=[p for p in present if p != MANIFEST])
+        if problems:
+            raise CheckpointError(f"{spec}: the download does not match its manifest ({problems[0]}); delete it from "
+                                  f"the cache (huggingface-cli delete-cache) and download again")
+    return path
