@@ -190,6 +190,43 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
 
 
 @app.command()
+def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 or quantized), the ckpt/ root, or "
+                                                   "ORG/NAME[@REVISION] on the Hub."),
+          image: Path = typer.Option(..., help="Reference portrait (any format Pillow reads)."),
+          audio: Path = typer.Option(..., help="Speech track (any format FFmpeg decodes)."),
+          prompt: str = typer.Option("A person talking to the camera, natural expression.", help="Text prompt."),
+          out: Path = typer.Option(..., help="Output .mp4 (written to a temporary file, then renamed)."),
+          precision: Optional[str] = typer.Option(None, help="bf16, int8 or fp8 (default: the checkpoint's own; "
+                                                             "a bf16 checkpoint is quantized while loading)."),
+          tp: int = typer.Option(1, help="Tensor-parallel degree (ranks are started for you, or use torchrun)."),
+          size: Optional[str] = typer.Option(None, help="Output area as H*W, e.g. 704*384; the aspect ratio "
+                                                        "follows the image, sides are multiples of 64."),
+          num_clip: Optional[int] = typer.Option(None, help="Clips of 48 frames (default: what the audio covers)."),
+          sample_steps: int = typer.Option(4, help="Euler steps per block (the distilled model uses 4)."),
+          seed: int = typer.Option(0, help="Seed of the noise and the sink offsets."),
+          device: str = typer.Option("auto", help="auto, cuda or cpu."),
+          encoders: Optional[str] = typer.Option(None, help="Directory (or ORG/NAME) holding umT5, the tokenizer, "
+                                                           "the VAE and wav2vec2, when the checkpoint lacks them."),
+          quiet: bool = typer.Option(False, "--quiet", help="No progress line."),
+          no_prompt_cache: bool = typer.Option(False, "--no-prompt-cache", help="Encode the prompt even if cached."),
+          timeout: float = typer.Option(600, help="Seconds a rank may wait on the others.")) -> None:
+    """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""
+    from .pipeline.infer import InferRequest, infer as run_infer
+
+    req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
+                       sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout)
+    try:
+        results = run_infer(req)
+    except QavatarError as e:
+        _fail(e)
+    host = next(r for r in results if r.host) if any(r.host for r in results) else None
+    if host is not None:
+        clips = ", ".join(f"{s:.1f}" for s in host.clip_seconds)
+        typer.echo(f"wrote {host.out}: {host.frames} frames at 25 fps in {host.seconds:.1f} s "
+                   f"(load {host.load_seconds:.1f} s, encoders {host.encode_seconds:.1f} s, per clip {clips} s)")
+
+
+@app.command()
 def push(ckpt: Path = typer.Argument(..., help="A complete qavatar checkpoint directory."),
          repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub."),
          private: bool = typer.Option(False, "--private", help="Create the repo private."),
@@ -207,13 +244,15 @@ def push(ckpt: Path = typer.Argument(..., help="A complete qavatar checkpoint di
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("qavatar-demo"), help="Where the demo writes its files."),
-         seed: int = typer.Option(0, help="Seed for weights, noise and sink offsets.")) -> None:
-    """Run the embedded demo end to end on a toy checkpoint (no downloads)."""
+def demo(out: Path = typer.Option(Path("qavatar-demo/demo.mp4"), help="The demo video; the toy checkpoints are "
+                                                                       "written next to it."),
+         seed: int = typer.Option(0, help="Seed for weights, noise and sink offsets."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress line.")) -> None:
+    """Run the embedded demo end to end on a toy checkpoint (no downloads): a talking-avatar mp4."""
     from .demo import run_demo
 
     try:
-        run_demo(out, seed=seed, print_fn=typer.echo)
+        run_demo(out, seed=seed, print_fn=typer.echo, quiet=quiet)
     except QavatarError as e:
         _fail(e)
 

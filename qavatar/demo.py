@@ -1,12 +1,13 @@
 """The embedded demo: everything runs on a toy checkpoint with random weights, on the CPU, with no downloads.
 
-1. write the toy checkpoint (real layout, LoRA alongside) and inspect it;
-2. quantize it to fp8 with the bundled calibration set (LoRA merged first);
+1. write the toy checkpoint (real layout: DiT shards, LoRA, and tiny umT5, tokenizer, VAE and wav2vec2) and
+   inspect it;
+2. quantize it to fp8 with the bundled calibration set (LoRA merged first, the toy encoders feeding it);
 3. plan liveavatar-14b on 4 x 24 GB GPUs;
-4. stream one clip of latents through the fp8 DiT sharded over 2 CPU ranks (sink prefill, 4 blocks x 4 Euler
-   steps, rolling KV caches), and check both ranks agree.
-The weights are random, so the latents are noise with the right structure. Video decoding (the Wan VAE) and
-the mp4 come with `qavatar infer`.
+4. run `infer` at TP=2 on the CPU with a bundled portrait and speech clip: sink prefill, blocks of 3 latent
+   frames x 4 Euler steps, rolling KV caches and sink, streaming VAE decode, mp4 with the audio muxed in;
+5. say where the video is.
+The weights are random, so the video is noise with the right structure (size, frame rate, length, sound).
 """
 from __future__ import annotations
 
@@ -14,74 +15,68 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from .checkpoint import MANIFEST
 from .checkpoint.inspect import format_report, inspect_checkpoint
 from .checkpoint.toy import make_toy_checkpoint
-from .checkpoint.writer import save_file_atomic
-from .errors import QavatarError
 from .model import PRESETS
-from .parallel.launch import init_tp, spawn_ranks
 from .parallel.plan import GiB, PlanRequest, format_plan, make_plan
+from .pipeline.components import missing_parts
 
 TP = 2
+BUNDLED = Path(__file__).resolve().parents[1] / "calibration" / "bundled"
+PORTRAIT, SPEECH = BUNDLED / "images" / "p00.png", BUNDLED / "audio" / "p00.wav"
+PROMPT = "A young woman with short hair talks to the camera in a bright studio, natural expression."
 
 
-def _rank(rank: int, ckpt: str, seed: int) -> dict:
-    from .parallel.stream import stream_latents
-
-    tp = init_tp(TP, timeout_s=120)
-    cfg = PRESETS["tiny"]
-    h, w = cfg.default_size
-    rep = stream_latents(ckpt, tp, cfg.clip_latent_frames // cfg.num_frames_per_block, (h // 8, w // 8), seed)
-    return {"latents": rep.latents, "seconds": rep.seconds_per_block, "bytes_read": rep.bytes_read,
-            "held": rep.held_bytes, "cache": rep.cache_bytes}
-
-
-def run_demo(out: "str | Path", seed: int = 0, print_fn: Callable[[str], None] = print) -> Path:
+def run_demo(out: "str | Path" = "qavatar-demo/demo.mp4", seed: int = 0,
+             print_fn: Callable[[str], None] = print, quiet: bool = False) -> Path:
+    """Write the demo video to `out`; the toy checkpoints go next to it."""
+    from .pipeline.infer import InferRequest, infer
     from .quant import QuantConfig
     from .quant.convert import quantize_checkpoint
 
     out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() != ".mp4":
+        out = out / "demo.mp4"  # a directory was given
+    work = out.parent
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ckpt = out / "toy-checkpoint"
-    if not (ckpt / "Wan2.2-S2V-14B" / MANIFEST).is_file():
-        make_toy_checkpoint(ckpt, config="tiny", seed=seed, overwrite=ckpt.exists())
-        print_fn(f"[1/4] wrote the toy checkpoint {ckpt} (random weights, the real layout)")
+    ckpt = work / "toy-checkpoint"
+    dit = ckpt / "Wan2.2-S2V-14B"
+    if (dit / MANIFEST).is_file() and not missing_parts(dit):
+        print_fn(f"[1/5] reusing the toy checkpoint {ckpt}")
     else:
-        print_fn(f"[1/4] reusing the toy checkpoint {ckpt}")
+        make_toy_checkpoint(ckpt, config="tiny", seed=seed, overwrite=ckpt.exists())
+        print_fn(f"[1/5] wrote the toy checkpoint {ckpt} (random weights, the real layout, with tiny umT5, "
+                 f"tokenizer, VAE and wav2vec2)")
     print_fn(format_report(inspect_checkpoint(ckpt)))
 
-    fp8 = out / "toy-checkpoint-fp8"
+    fp8 = work / "toy-checkpoint-fp8"
     t = time.perf_counter()
     summary = quantize_checkpoint(ckpt, fp8, QuantConfig("fp8"), max_pairs=4, overwrite=True, log=lambda s: None)
-    print_fn(f"[2/4] quantized to fp8 in {time.perf_counter() - t:.1f} s with the bundled calibration set: "
+    print_fn(f"[2/5] quantized to fp8 in {time.perf_counter() - t:.1f} s with the bundled calibration set: "
              f"{summary.layers_quantized} Linears fp8, layer SQNR min {summary.sqnr_min_db:.1f} dB, end-to-end "
              f"{', '.join(f'{v:.1f}' for v in summary.end_to_end_db)} dB per step -> {fp8}")
 
     plan = make_plan(PlanRequest(PRESETS["liveavatar-14b"], gpus=4, vram=24 * GiB, precision="fp8"))
-    print_fn("[3/4] qavatar plan --gpus 4 --vram 24GiB --precision fp8 --size 704*384")
+    print_fn("[3/5] qavatar plan --gpus 4 --vram 24GiB --precision fp8 --size 704*384")
     print_fn(format_plan(plan))
 
+    print_fn(f"[4/5] qavatar infer --checkpoint {fp8} --image {PORTRAIT.name} --audio {SPEECH.name} --tp {TP} "
+             f"--device cpu --out {out}")
     t = time.perf_counter()
-    ranks = spawn_ranks(_rank, TP, args=(str(fp8), seed), timeout_s=300)
-    if not all(torch.equal(r["latents"], ranks[0]["latents"]) for r in ranks):
-        raise QavatarError("the tensor-parallel ranks disagree on the latents")
-    latents = ranks[0]["latents"]
-    per_block = [sum(r["seconds"][b] for r in ranks) / TP for b in range(len(ranks[0]["seconds"]))]
-    path = out / "latents.safetensors"
-    save_file_atomic(path, {"latents": latents.contiguous()})
-    print_fn(f"[4/4] streamed one clip at TP={TP} on the CPU in {time.perf_counter() - t:.1f} s "
-             f"({', '.join(f'{s:.2f}' for s in per_block)} s per block of 3 latent frames): latents "
-             f"{list(latents.shape)} -> {path}")
-    for r in ranks:
-        print_fn(f"      each rank read {r['bytes_read'] / 1e6:.2f} MB of the checkpoint, holds "
-                 f"{r['held'] / 1e6:.2f} MB of weights and {r['cache'] / 1e6:.2f} MB of KV caches")
-        break
-    print_fn(f"done in {time.perf_counter() - t0:.1f} s. The toy weights are random, so these latents are noise "
-             f"with the right structure.")
-    print_fn("With real weights: `qavatar quantize ckpt/ --precision fp8 --out ckpt-fp8/`, then "
-             "`torchrun --nproc-per-node 4 -m qavatar.parallel.stream --checkpoint ckpt-fp8/ --tp 4 --device cuda`.")
-    return path
+    results = infer(InferRequest(str(fp8), str(PORTRAIT), str(SPEECH), PROMPT, str(out), tp=TP, seed=seed,
+                                 device="cpu", quiet=quiet, timeout_s=300))
+    host = next(r for r in results if r.host)
+    clips = ", ".join(f"{c:.1f}" for c in host.clip_seconds)
+    print_fn(f"      {host.frames} frames ({host.frames / 25:.2f} s at 25 fps) in {time.perf_counter() - t:.1f} s "
+             f"at TP={TP}: encoders {host.encode_seconds:.1f} s, per clip {clips} s; each rank read "
+             f"{host.bytes_read / 1e6:.2f} MB of the checkpoint and holds {host.held_bytes / 1e6:.2f} MB of weights "
+             f"and {host.cache_bytes / 1e6:.2f} MB of KV caches")
+    print_fn(f"[5/5] wrote {out} in {time.perf_counter() - t0:.1f} s in all.")
+    print_fn("The toy weights are RANDOM: the video is noise with the right structure (size, frame rate, length, "
+             "sound in sync), not a face.")
+    print_fn("With real weights (ckpt/Wan2.2-S2V-14B from Wan-AI/Wan2.2-S2V-14B, ckpt/LiveAvatar from "
+             "Quark-Vision/Live-Avatar): `qavatar quantize ckpt/ --precision fp8 --out ckpt-fp8/`, then "
+             "`qavatar infer --checkpoint ckpt-fp8/ --image face.jpg --audio speech.wav --tp 4 --out out.mp4`.")
+    return out

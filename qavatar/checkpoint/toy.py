@@ -1,6 +1,8 @@
 """Toy checkpoints: complete, deterministic directories in the real download layout, with random weights.
 
     OUT/Wan2.2-S2V-14B/config.json, diffusion_pytorch_model-0000i-of-00004.safetensors (+ index), bf16
+    OUT/Wan2.2-S2V-14B/Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/,
+        wav2vec2-large-xlsr-53-english/      tiny encoders in the real files' formats (pipeline/toy_encoders.py)
     OUT/LiveAvatar/liveavatar.safetensors     PEFT LoRA on q,k,v,o,ffn.0,ffn.2 (blocks and audio injector)
 
 Every parameter is drawn so that no path is vacuous (upstream zero-inits the injector output, the cond
@@ -53,8 +55,9 @@ def lora_targets(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def make_toy_checkpoint(out: "str | Path", config: "str | ModelConfig" = "tiny", seed: int = 0,
-                        lora_rank: int = 8, num_shards: int = 4, overwrite: bool = False) -> Path:
-    """Write OUT (atomically) and return its path."""
+                        lora_rank: int = 8, num_shards: int = 4, overwrite: bool = False,
+                        encoders: bool = True) -> Path:
+    """Write OUT (atomically) and return its path. encoders=False leaves out the VAE, umT5 and wav2vec2."""
     cfg = resolve_config(config)
     state = {k: v.to(torch.bfloat16) for k, v in random_state_dict(cfg, seed).items()}
     g = torch.Generator().manual_seed(seed + 1)
@@ -74,6 +77,10 @@ def make_toy_checkpoint(out: "str | Path", config: "str | ModelConfig" = "tiny",
             writer.write(k, v)
         writer.finish()
         (dit / "config.json").write_text(json.dumps(cfg.to_wan_config(), indent=2))
+        if encoders:
+            from ..pipeline.toy_encoders import write_toy_encoders
+
+            write_toy_encoders(dit, cfg, seed)
         (tmp / LORA_RELPATH).parent.mkdir(parents=True)
         save_file_atomic(tmp / LORA_RELPATH, lora,
                          {"format": "pt", "lora_alpha": str(lora_rank / 2), "r": str(lora_rank)})

@@ -19,13 +19,18 @@ WEIGHTS = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pyt
            MANIFEST, "quantization_report.json", "README.md"]
 
 
+# the non-DiT parts of the Wan2.2-S2V-14B layout, for `infer --encoders ORG/NAME` (no DiT shards)
+ENCODER_FILES = ["Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*",
+                 "wav2vec2-large-xlsr-53-english/*"]
+
+
 def looks_like_repo(spec: str) -> bool:
     """ORG/NAME[@REVISION] that is not a local path."""
     return bool(_REPO.match(spec)) and not Path(spec.split("@")[0]).exists()
 
 
 def resolve_checkpoint(spec: "str | Path", files: str = "weights") -> Path:
-    """A local path as it is; ORG/NAME[@REV] downloaded (files="weights" or "config") and verified."""
+    """A local path as it is; ORG/NAME[@REV] downloaded (files="weights", "config" or "encoders") and verified."""
     spec = str(spec)
     if not looks_like_repo(spec):
         return Path(spec)
@@ -33,7 +38,7 @@ def resolve_checkpoint(spec: "str | Path", files: str = "weights") -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, _, revision = spec.partition("@")
-    patterns = ["config.json"] if files == "config" else WEIGHTS
+    patterns = {"config": ["config.json"], "encoders": ENCODER_FILES + [MANIFEST]}.get(files, WEIGHTS)
     try:
         path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
                                       endpoint=os.environ.get("HF_ENDPOINT") or None))
@@ -43,6 +48,8 @@ def resolve_checkpoint(spec: "str | Path", files: str = "weights") -> Path:
         raise CheckpointError(f"{spec}: download failed: {str(e).splitlines()[0]}") from None
     if files != "config":
         present = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+        if files == "encoders" and MANIFEST not in present:
+            return path  # an upstream repo (Wan-AI/Wan2.2-S2V-14B) carries no qavatar manifest
         if MANIFEST not in present:
             raise CheckpointError(f"{spec}: has no {MANIFEST}; not a checkpoint published by qavatar")
         problems = verify_manifest(path, hashes=True, only=[p for p in present if p != MANIFEST])

@@ -45,6 +45,23 @@ class TPGroup:
         dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.process_group)
         return x
 
+    def broadcast(self, x: "torch.Tensor | None", src: int, device: "str | torch.device" = "cpu") -> torch.Tensor:
+        """Rank src's tensor on every rank (the others pass None): a small shape/dtype header goes first."""
+        if self.size == 1:
+            return x.to(device)
+        import torch.distributed as dist
+
+        codes = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
+        header = torch.zeros(10, dtype=torch.int64, device=device)
+        if self.rank == src:
+            header[0], header[1] = x.ndim, codes.index(x.dtype)
+            header[2:2 + x.ndim] = torch.tensor(x.shape)
+        dist.broadcast(header, src, group=self.process_group)
+        ndim, code = int(header[0]), int(header[1])
+        shape = [int(v) for v in header[2:2 + ndim]]
+        buf = x.to(device).contiguous() if self.rank == src else torch.empty(shape, dtype=codes[code], device=device)
+        dist.broadcast(buf, src, group=self.process_group)
+        return buf
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every rank's x along dim, in rank order."""

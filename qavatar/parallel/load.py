@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -15,6 +15,9 @@ from ..checkpoint.load import check_keys, find_dit_dir, model_shapes, open_weigh
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
 from ..model import LiveAvatarDiT, build_model
+
+if TYPE_CHECKING:
+    from ..quant import QuantConfig
 from .group import TPGroup
 from .shard import shard_dim, shard_range
 
@@ -29,36 +32,65 @@ class RankLoad:
 
 def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float32,
               device: "str | torch.device" = "cpu", lora: "str | Path | bool | None" = True,
-              lora_alpha: Optional[float] = None) -> RankLoad:
-    """This rank's model: built at its local shapes on the meta device, then filled slice by slice."""
+              lora_alpha: Optional[float] = None, quantize: "Optional[QuantConfig]" = None) -> RankLoad:
+    """This rank's model: built at its local shapes on the meta device, then filled slice by slice.
+
+    quantize: quantize a bf16 checkpoint while loading (dynamic activations, no calibration), one slice at
+    a time, so the rank never holds its bf16 weights; row-parallel slices share the whole row's scale.
+    """
     dit_dir = find_dit_dir(path)
     raw = CheckpointReader(dit_dir).config or {}
     qc = raw.get("quantization_config")
+    if qc is not None and quantize is not None:
+        raise CheckpointError(f"{dit_dir} is already quantized; it cannot be quantized again at load")
     weights, cfg, _ = open_weights(dit_dir, False if qc is not None else lora, lora_alpha)
     stored = {k: tuple(weights.shape(k)) for k in weights.keys()}
     check_keys(weights, model_shapes(cfg, quantization=qc, stored=stored), str(dit_dir))  # full shapes, all ranks
     with torch.device("meta"):
         model = build_model(cfg, tp)  # raises a clear error when tp does not divide the heads
     keep: set[str] = set()
-    if qc is not None:
+    at_load: set[str] = set()  # Linears quantized here, from float weights
+    if qc is not None or quantize is not None:
         from ..quant import QuantConfig, QuantLinear, quantized_skeleton
+        from ..quant.api import linear_names
 
-        quantized_skeleton(model, QuantConfig.from_quantization_config(qc), stored, dtype)
+        skeleton = dict(stored)
+        if quantize is not None:
+            at_load = {n for n in linear_names(model) if quantize.targets(n)}
+            skeleton.update({f"{n}.weight_scale": (stored[f"{n}.weight"][0], 1) for n in at_load})
+        quantized_skeleton(model, quantize or QuantConfig.from_quantization_config(qc), skeleton, dtype)
         for name, mod in model.named_modules():
             if isinstance(mod, QuantLinear):
                 keep |= {f"{name}.{b}" for b in ("weight", "weight_scale", "input_scale", "smooth_scale")}
     state = {}
     for key, meta in model.state_dict().items():
+        if key.endswith(".weight_scale") and key[: -len(".weight_scale")] in at_load:
+            continue  # made with its weight, below
         dim = shard_dim(key)
         if dim is None or tp.size == 1:
             t = weights.get(key)
         else:
             start, stop = shard_range(key, stored[key][dim], tp)
             t = weights.get_slice(key, dim, start, stop)
+        if key.endswith(".weight") and key[: -len(".weight")] in at_load:
+            t, state[f"{key}_scale"] = _quantize_slice(t, quantize, tp if dim == 1 else None, device)
         if tuple(t.shape) != tuple(meta.shape):
             raise CheckpointError(f"{dit_dir}: {key} slice for rank {tp.rank}/{tp.size} is {list(t.shape)}, "
                                   f"the model expects {list(meta.shape)}")
         state[key] = t.to(device=device, dtype=None if key in keep else dtype)
     model.load_state_dict(state, assign=True, strict=True)
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return RankLoad(model.eval(), weights.bytes_read, held, qc is not None)
+    return RankLoad(model.eval(), weights.bytes_read, held, qc is not None or quantize is not None)
+
+
+def _quantize_slice(w: torch.Tensor, config: "QuantConfig", row_group: Optional[TPGroup],
+                    device: "str | torch.device") -> tuple[torch.Tensor, torch.Tensor]:
+    """One rank's slice of a Linear weight -> (q, scale); a row-parallel slice (split along `in`) takes the
+    max over the ranks of each row's absmax, so every rank scales a row as the unsharded layer does."""
+    from ..quant.kernels import quantize_weight
+
+    absmax = None
+    if row_group is not None and row_group.size > 1:
+        absmax = row_group.all_reduce(w.float().abs().amax(dim=1, keepdim=True).to(device), op="max").cpu()
+    q, s = quantize_weight(w, config.weight_dtype, absmax=absmax)
+    return q, s.to(device)

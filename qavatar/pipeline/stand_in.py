@@ -35,6 +35,11 @@ class StandInEncoders:
         lat = torch.einsum("cr,rhw->chw", self._rgb, pooled) * 2.0
         return lat[None, :, None]
 
+    def condition(self, image: torch.Tensor, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference latent, motion latents = the reference repeated over the motion frames)."""
+        ref = self.encode_image(image, latent_hw)
+        return ref, ref.expand(-1, -1, self.cfg.motion_frames[1], -1, -1)
+
     def encode_audio(self, wave: np.ndarray, sample_rate: int = 16000) -> torch.Tensor:
         """Mono waveform -> hidden states [layers, T, C_a] at 50 Hz (wav2vec2's rate: one state per 320 samples)."""
         hop, win = sample_rate // 50, 400

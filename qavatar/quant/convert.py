@@ -255,6 +255,22 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_encoders(dit_dir: Path, cfg: ModelConfig, log: Callable[[str], None]):
+    """The checkpoint's own encoders (umT5, VAE, wav2vec2) when it has them, else the stand-ins."""
+    from ..pipeline.components import missing_parts
+
+    missing = missing_parts(dit_dir)
+    if not missing:
+        from ..pipeline.encoders import PipelineEncoders
+
+        return PipelineEncoders(dit_dir, cfg)
+    from ..pipeline.stand_in import StandInEncoders
+
+    log(f"{dit_dir} lacks {', '.join(missing)}: calibrating with stand-in encoders (real shapes, not the real "
+        f"models); put the encoders next to the DiT for calibration on real activations")
+    return StandInEncoders(cfg)
+
+
 def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfig,
                         calibration: "str | Path | None" = None, lora: "str | Path | bool | None" = True,
                         lora_alpha: Optional[float] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None,
@@ -263,7 +279,6 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
                         log: Callable[[str], None] = print) -> QuantizeSummary:
     """Merge the LoRA, calibrate (block-streamed), decide per layer, and write the quantized checkpoint."""
     from .dataset import BUNDLED, CalibrationSet
-    from ..pipeline.stand_in import StandInEncoders
 
     dit_dir = find_dit_dir(src)
     weights, cfg, lora_path = open_weights(dit_dir, lora, lora_alpha)
@@ -283,13 +298,14 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
         calib = CalibrationSet(calibration or BUNDLED)
         h, w = parse_size(size) if size else cfg.default_size
         latent_hw = (h // 8, w // 8)
-        inputs = calib.inputs(StandInEncoders(cfg), cfg, latent_hw, limit=max_pairs)
+        encoders = calibration_encoders(dit_dir, cfg, log)
+        inputs = calib.inputs(encoders, cfg, latent_hw, limit=max_pairs)
         log(f"calibrating on {len(inputs)} pairs of {calib.name} at {h}x{w} ({device}, "
-            f"{str(dtype).removeprefix('torch.')}; encoders: stand-in), one block at a time")
+            f"{str(dtype).removeprefix('torch.')}; encoders: {encoders.name}), one block at a time")
         result = Calibrator(weights, cfg, config, device, dtype, log=log).run(inputs)
         plans = result.plans
         info.update(calibration_set=calib.name, calibration_manifest_sha256=calib.sha256(),
-                    calibration_pairs=len(inputs), calibration_size=[h, w], calibration_encoders="stand-in")
+                    calibration_pairs=len(inputs), calibration_size=[h, w], calibration_encoders=encoders.name)
     log(f"writing {out}")
     return write_quantized(weights, raw_config or cfg.to_wan_config(), cfg, config, plans, Path(out), result, info,
                            max_shard_bytes, overwrite, log)

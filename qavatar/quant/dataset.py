@@ -5,8 +5,8 @@ manifest.json:
      "pairs": [{"name": "p00", "image": "images/p00.png", "audio": "audio/p00.wav", "prompt": "...",
                 "sha256": {"image": "...", "audio": "..."}}]}
 Paths are relative to the manifest. Each pair becomes the inputs of the first streaming block, exactly as
-inference builds them: reference latent, motion latents (the reference repeated, as the pipeline starts),
-text states, and the block's bucketed audio.
+inference builds them: reference latent, motion latents (the image repeated over the motion frames, as the
+pipeline starts), text states, and the block's bucketed audio.
 """
 from __future__ import annotations
 
@@ -100,7 +100,10 @@ class CalibrationSet:
                 wave = load_audio(pair.audio)
             except MediaError as e:
                 raise CalibrationError(f"{pair.name}: {e}") from None
-            ref = encoders.encode_image(image, latent_hw)
+            try:
+                ref, motion = encoders.condition(image, latent_hw)
+            except ValueError as e:
+                raise CalibrationError(f"{pair.name}: {e}") from None
             hidden = encoders.encode_audio(wave)
             feats, _ = bucket_features(interpolate_features(hidden, 50, 30), fps=cfg.sample_fps,
                                        clip_frames=4 * cfg.clip_latent_frames)
@@ -109,6 +112,5 @@ class CalibrationSet:
             for what, t in (("image latent", ref), ("audio features", audio), ("text states", context)):
                 if not torch.isfinite(t).all():
                     raise CalibrationError(f"{pair.name}: {what} contain NaN or Inf")
-            out.append(CalibrationInputs(pair.name, context, ref, ref.expand(-1, -1, cfg.motion_frames[1], -1, -1),
-                                         audio))
+            out.append(CalibrationInputs(pair.name, context, ref, motion, audio))
         return out

@@ -32,12 +32,13 @@ def notice_once(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- quantizers
 def quantize_weight(w: torch.Tensor, dtype: torch.dtype,
-                    transform: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    transform: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None,
+                    absmax: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel quantization: (q [out, in] in dtype, scale [out, 1] fp32).
 
     Works a block of rows at a time in fp32 (transform(rows, r0, r1) may edit them first: LoRA merge,
-    SmoothQuant), so the temporaries stay a few MB whatever the weight's size.
+    SmoothQuant), so the temporaries stay a few MB whatever the weight's size. absmax [out, 1], when given,
+    sets the scales (a column slice of a row-parallel weight quantized with the whole row's range).
     """
     scale = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
     q = torch.empty(w.shape, dtype=dtype, device=w.device)
@@ -46,7 +47,8 @@ def quantize_weight(w: torch.Tensor, dtype: torch.dtype,
         wf = w[r:r + step].to(torch.float32, copy=True)
         if transform is not None:
             wf = transform(wf, r, min(r + step, w.shape[0]))
-        s = (wf.abs().amax(dim=1, keepdim=True) / QMAX[dtype]).clamp(min=_EPS)
+        amax = wf.abs().amax(dim=1, keepdim=True) if absmax is None else absmax[r:r + step].float()
+        s = (amax / QMAX[dtype]).clamp(min=_EPS)
         scale[r:r + step] = s
         q[r:r + step] = _to_q(wf.div_(s), dtype)
     return q, scale

@@ -1,0 +1,320 @@
+"""`qavatar infer`: image + audio + prompt -> a talking-avatar mp4, streamed, at any precision and TP degree.
+
+    prepare()   cheap checks in the launching process: parts present, media readable, size, clips, precision
+    run_rank()  one tensor-parallel rank. Every rank loads its DiT slice and denoises in lockstep. The last
+                rank (the host) also runs the encoders, broadcasts the condition (prompt states, reference and
+                motion latents, each clip's audio features), decodes every block with the streaming VAE and
+                writes frames and sound to the mp4 as they come
+    infer()     prepare, then run the ranks (in this process for --tp 1, spawned ones otherwise, or the
+                ranks torchrun started)
+
+The flow is the reference's multi-GPU one: the reference frame and 73 motion frames (the image repeated)
+are VAE-encoded and prefilled into the sink; each clip (48 frames = 12 latent frames) is 4 blocks of 3
+latent frames x `--sample-steps` Euler steps, with clip r's noise drawn from seed + r; after the first clip
+the sink is re-prefilled with the first generated latent frame (the rolling sink). The VAE warms its
+causal cache on the first 7 motion latents; the stream's first 3 frames are dropped, and the audio with
+them, so sound and picture stay in sync.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import ConfigError, QavatarError
+from ..model import ModelConfig, from_wan_config
+from .components import Components, locate
+from .media import MediaError, load_audio, load_image
+from .sizing import parse_area, size_for_area
+
+DROP_FRAMES = 3  # the reference drops the stream's first 3 decoded frames
+VAE_WARMUP_LATENTS = 7  # motion latents decoded (and discarded) to warm the VAE's causal cache
+
+
+@dataclass
+class InferRequest:
+    checkpoint: str
+    image: str
+    audio: str
+    prompt: str
+    out: str
+    precision: Optional[str] = None  # bf16 | int8 | fp8; default: the checkpoint's own
+    tp: int = 1
+    size: Optional[str] = None  # an area as H*W; default: the config's default size
+    num_clip: Optional[int] = None
+    sample_steps: int = 4
+    seed: int = 0
+    device: str = "auto"
+    encoders: Optional[str] = None
+    quiet: bool = False
+    prompt_cache: bool = True
+    timeout_s: float = 600.0
+
+
+@dataclass
+class Prepared:
+    request: InferRequest
+    parts: Components
+    cfg: ModelConfig
+    device: str  # cpu | cuda
+    height: int
+    width: int
+    clips: int
+    blocks: int  # blocks to generate over the whole run
+    frames: int  # frames in the output
+    audio_seconds: float
+    runtime_quant: Optional[str]  # precision to quantize a bf16 checkpoint to while loading
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // 8, self.width // 8
+
+
+def _say(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"qavatar: {msg}", file=sys.stderr)
+
+
+def resolve_precision(requested: Optional[str], stored: str, device: str) -> tuple[Optional[str], list[str]]:
+    """(precision to quantize to at load, or None; notes). Raises for combinations that cannot work."""
+    notes = []
+    family = stored.split("-")[0]
+    want = requested or stored
+    if want not in ("bf16", "int8", "fp8", "int8-wo", "fp8-wo"):
+        raise ConfigError(f"--precision {want}: choose bf16, int8 or fp8")
+    runtime = None
+    if stored == "bf16":
+        if want != "bf16":
+            runtime = want
+            notes.append(f"quantizing the bf16 checkpoint to {want} while loading (dynamic scales, no calibration); "
+                         f"`qavatar quantize` makes a calibrated checkpoint with a quality report that loads faster")
+    elif want == "bf16":
+        raise ConfigError(f"the checkpoint is {stored}-quantized and holds no bf16 weights; point --checkpoint at the "
+                          f"original Wan2.2-S2V-14B directory for bf16")
+    elif want.split("-")[0] != family:
+        raise ConfigError(f"--precision {want} but the checkpoint is {stored}; use --precision {family} or a "
+                          f"{want} checkpoint")
+    fp8 = (runtime or stored).startswith("fp8") and not (runtime or stored).endswith("-wo")
+    if fp8 and device == "cuda":
+        cap = torch.cuda.get_device_capability()
+        if cap < (8, 9):
+            notes.append(f"this GPU (sm{cap[0]}{cap[1]}) has no FP8 tensor cores: running the fp8 weights "
+                         f"weight-only (dequantized to bf16 per layer), with the same memory for weights")
+            if runtime:
+                runtime = "fp8-wo"
+    return runtime, notes
+
+
+def _wav2vec_frames(num_samples: int, wav2vec_config: Path) -> int:
+    import json
+
+    c = json.loads(wav2vec_config.read_text())
+    n = num_samples
+    for k, s in zip(c.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2]), c.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])):
+        n = (n - k) // s + 1
+    return max(n, 0)
+
+
+def prepare(req: InferRequest) -> Prepared:
+    """Everything that can be checked before loading a model. Each problem raises one clear error."""
+    device = req.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: choose auto, cpu or cuda")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is visible")
+        if req.tp > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+            raise ConfigError(f"--tp {req.tp} but only {torch.cuda.device_count()} GPU(s) are visible "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use "
+                              f"--tp {torch.cuda.device_count()} or fewer, or multi-node torchrun")
+    if req.tp < 1:
+        raise ConfigError("--tp must be at least 1")
+    if req.sample_steps < 1:
+        raise ConfigError("--sample-steps must be at least 1")
+    out = Path(req.out)
+    if out.is_dir():
+        raise MediaError(f"--out {out} is a directory; give a file name such as {out / 'out.mp4'}")
+    if not out.parent.is_dir():
+        raise MediaError(f"--out {out}: directory {out.parent} does not exist")
+
+    parts = locate(req.checkpoint, req.encoders)
+    from ..checkpoint.reader import CheckpointReader
+
+    cfg = from_wan_config(CheckpointReader(parts.dit).config, name=parts.dit.name)
+    if cfg.num_heads % req.tp:
+        raise ConfigError(f"--tp {req.tp} does not divide the {cfg.num_heads} attention heads; use one of "
+                          f"{[d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0 and d <= 8]}")
+    image = load_image(req.image)
+    area = parse_area(req.size or f"{cfg.default_size[0]}*{cfg.default_size[1]}")
+    height, width = size_for_area(image.shape[1], image.shape[2], area)
+
+    wave = load_audio(req.audio)
+    seconds = len(wave) / 16000
+    fps, clip_frames = cfg.sample_fps, 4 * cfg.clip_latent_frames
+    block_frames = 4 * cfg.num_frames_per_block
+    covered = int(seconds * fps)
+    if covered < block_frames:
+        raise MediaError(f"{req.audio}: {seconds:.2f} s of audio; one block of video needs at least "
+                         f"{block_frames / fps:.2f} s ({block_frames} frames at {fps} fps)")
+    t = _wav2vec_frames(len(wave), parts.encoders / "wav2vec2-large-xlsr-53-english" / "config.json")
+    audio_clips = int(int(t / 50 * 30) / (clip_frames * 30 / fps)) + 1  # the reference's clip count
+    clips = audio_clips if req.num_clip is None else req.num_clip
+    notes = []
+    if clips < 1:
+        raise ConfigError("--num-clip must be at least 1")
+    if clips > audio_clips:
+        notes.append(f"--num-clip {clips}: the audio covers {audio_clips} clip(s); generating {audio_clips}")
+        clips = audio_clips
+    needed = min(clips * clip_frames, covered)
+    blocks = math.ceil(needed / block_frames)
+    runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
+    return Prepared(req, parts, cfg, device, height, width, clips, blocks, needed - DROP_FRAMES, seconds, runtime,
+                    notes + pnotes)
+
+
+@dataclass
+class RankResult:
+    rank: int
+    host: bool
+    frames: int = 0
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    clip_seconds: list[float] = field(default_factory=list)  # DiT + decode + write, per clip
+    dit_seconds: list[float] = field(default_factory=list)  # per clip
+    bytes_read: int = 0
+    held_bytes: int = 0
+    cache_bytes: int = 0
+    peak_gpu_bytes: int = 0
+    out: Optional[str] = None
+
+
+class _Host:
+    """What the host rank runs besides the DiT: encoders, streaming VAE, mp4 writer."""
+
+    def __init__(self, prep: Prepared, device: str, dtype: torch.dtype):
+        from .audio_encoder import AudioConditioning
+        from .encoders import PipelineEncoders
+
+        req = prep.request
+        t = time.perf_counter()
+        enc = PipelineEncoders(prep.parts.encoders, prep.cfg, device, dtype, prompt_cache=req.prompt_cache)
+        self.context = enc.encode_text(req.prompt)
+        enc.text.release()
+        self.vae = enc.vae
+        self.ref, self.motion = enc.condition(load_image(req.image), prep.latent_hw)
+        self.audio = AudioConditioning(enc.audio, load_audio(req.audio), fps=prep.cfg.sample_fps,
+                                       clip_frames=4 * prep.cfg.clip_latent_frames)
+        self.encode_seconds = time.perf_counter() - t
+
+
+def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> RankResult:
+    """One rank of the run (rank == its TP rank). Returns its timings; the host also writes the mp4."""
+    from ..model.streaming import StreamingSession, flow_match_schedule
+    from ..parallel.launch import init_tp
+    from ..parallel.load import load_rank
+    from ..quant import QuantConfig
+    from .progress import Progress
+    from .vae import to_uint8_frames
+    from .video_writer import Mp4Writer
+
+    req, cfg = prep.request, prep.cfg
+    tp = init_tp(req.tp, device=prep.device, timeout_s=req.timeout_s)
+    host = tp.rank == tp.size - 1
+    device = f"cuda:{torch.cuda.current_device()}" if prep.device == "cuda" else "cpu"
+    dtype = torch.bfloat16 if prep.device == "cuda" else torch.float32
+    res = RankResult(tp.rank, host)
+    t_start = time.perf_counter()
+
+    side = _Host(prep, device, dtype) if host else None  # encoders first: a broken input fails before the DiT load
+    t = time.perf_counter()
+    loaded = load_rank(prep.parts.dit, tp, dtype=dtype, device=device,
+                       quantize=QuantConfig(prep.runtime_quant) if prep.runtime_quant else None)
+    res.load_seconds, res.bytes_read, res.held_bytes = time.perf_counter() - t, loaded.bytes_read, loaded.param_bytes
+    model = loaded.model
+    src = tp.size - 1
+    context = tp.broadcast(side.context if host else None, src, device).float()
+    ref = tp.broadcast(side.ref if host else None, src, device).float()
+    motion = tp.broadcast(side.motion if host else None, src, device).float()
+
+    timesteps, sigmas = flow_match_schedule(req.sample_steps)
+    session = StreamingSession(model, context[None], ref, motion, timesteps, sigmas, seed=req.seed)
+    res.cache_bytes = session.cache_bytes()
+    fpb, per_clip = cfg.num_frames_per_block, cfg.clip_latent_frames // cfg.num_frames_per_block
+    h, w = prep.latent_hw
+    progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
+    writer = decoder = None
+    if host:
+        res.encode_seconds = side.encode_seconds
+        decoder = side.vae.stream()
+        decoder.decode(motion[:, :, :VAE_WARMUP_LATENTS].cpu())  # warms the causal cache; frames discarded
+        writer = Mp4Writer(req.out, cfg.sample_fps, prep.height, prep.width, audio=req.audio,
+                           audio_offset_s=DROP_FRAMES / cfg.sample_fps)
+    try:
+        block = 0
+        for r in range(prep.clips):
+            t_clip = time.perf_counter()
+            dit_s = 0.0
+            audio = tp.broadcast(side.audio.clip(r) if host else None, src, device)
+            noise = torch.randn(1, cfg.in_dim, cfg.clip_latent_frames, h, w,
+                                generator=torch.Generator().manual_seed(req.seed + r))
+            new_ref = None
+            for b in range(per_clip):
+                if block >= prep.blocks:
+                    break
+                t = time.perf_counter()
+                lat = session.denoise_block(noise[:, :, b * fpb:(b + 1) * fpb], audio[..., 4 * b * fpb:4 * (b + 1) * fpb],
+                                            on_call=lambda info, r=r, b=b: progress.step(r, b, info.step))
+                dit_s += time.perf_counter() - t
+                if r == 0 and b == 0:
+                    new_ref = lat[:, :, :1]
+                if host:
+                    frames = decoder.decode(lat.cpu())[0]  # [3, 4 * fpb, H, W]
+                    if block == 0:
+                        frames = frames[:, DROP_FRAMES:]
+                    frames = to_uint8_frames(frames[:, :prep.frames - res.frames])
+                    writer.write(frames)
+                    if on_frames is not None:
+                        on_frames(frames)
+                    res.frames += frames.shape[0]
+                    progress.wrote(frames.shape[0])
+                block += 1
+            if r == 0 and prep.clips > 1:
+                session.roll_sink(new_ref, motion)  # the rolling sink: the first generated frame becomes the reference
+            res.clip_seconds.append(time.perf_counter() - t_clip)
+            res.dit_seconds.append(dit_s)
+        if host:
+            res.out = str(writer.close())
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        progress.close()
+    res.seconds = time.perf_counter() - t_start
+    if prep.device == "cuda":
+        res.peak_gpu_bytes = torch.cuda.max_memory_allocated()
+    return res
+
+
+def infer(req: InferRequest, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> list[RankResult]:
+    """Run a whole inference; returns every rank's result (the host's last)."""
+    from ..parallel.launch import spawn_ranks
+
+    prep = prepare(req)
+    for n in prep.notes:
+        _say(n)
+    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
+        return [run_rank(int(os.environ["RANK"]), prep, on_frames)]
+    if req.tp == 1:
+        return [run_rank(0, prep, on_frames)]
+    return spawn_ranks(run_rank, req.tp, args=(prep,), timeout_s=req.timeout_s)
