@@ -129,10 +129,10 @@ def test_toy_checkpoint_is_deterministic(tmp_path):
 def test_toy_layout_and_inspect(toy_ckpt):
     dit = toy_ckpt / "Wan2.2-S2V-14B"
     assert sorted(p.name for p in dit.iterdir()) == [
-        "config.json", "diffusion_pytorch_model-00001-of-00004.safetensors",
+        "Wan2.1_VAE.pth", "config.json", "diffusion_pytorch_model-00001-of-00004.safetensors",
         "diffusion_pytorch_model-00002-of-00004.safetensors", "diffusion_pytorch_model-00003-of-00004.safetensors",
         "diffusion_pytorch_model-00004-of-00004.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-        MANIFEST]
+        "google", "models_t5_umt5-xxl-enc-bf16.pth", MANIFEST, "wav2vec2-large-xlsr-53-english"]
     report = inspect_checkpoint(toy_ckpt, verify=True)
     assert report["ok"] and report["config"] == "tiny"
     with torch.device("meta"):

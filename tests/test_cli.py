@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import REPO
@@ -46,14 +45,19 @@ def test_errors_are_one_line(tmp_path):
     assert r.output.strip() == f"error: {tmp_path / 'missing'}: no such checkpoint directory"
 
 
-def test_demo_runs_and_writes_latents(tmp_path):
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+def test_demo_writes_a_video_with_sound(tmp_path):
+    from qavatar.pipeline.video_writer import probe
+
+    out = tmp_path / "demo" / "demo.mp4"
+    r = runner.invoke(app, ["demo", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
-    latents = load_file(tmp_path / "demo" / "latents.safetensors")["latents"]
-    assert latents.shape == (1, 16, 12, 16, 8) and torch.isfinite(latents).all()
-    assert "random" in r.output and "55 Linears fp8" in r.output and "FITS: largest rank" in r.output
-    assert "streamed one clip at TP=2" in r.output
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])  # a second run reuses the checkpoint
+    info = probe(out)  # the bundled 5.83 s speech: 145 frames, less the 3 the stream drops
+    assert (info["frames"], info["fps"], info["height"], info["width"]) == (142, 25.0, 128, 64)
+    assert abs(info["audio_seconds"] - 142 / 25) < 0.07
+    assert "RANDOM" in r.output and "55 Linears fp8" in r.output and "FITS: largest rank" in r.output
+    assert "at TP=2" in r.output and f"wrote {out}" in r.output
+    assert (tmp_path / "demo" / "toy-checkpoint-fp8" / "qavatar-manifest.json").is_file()
+    r = runner.invoke(app, ["demo", "--out", str(out), "--quiet"])  # a second run reuses the checkpoint
     assert r.exit_code == 0 and "reusing the toy checkpoint" in r.output
     assert not list((tmp_path / "demo").glob(".*partial*"))
 

@@ -5,6 +5,7 @@ huggingface_hub reads its settings the way it does for real, and the test can re
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,3 +154,28 @@ def test_plan_reads_only_config(hub, ckpt, tmp_path):
     assert out["request"]["precision"] == "int8" and out["fits"] and out["params"] == 661_385
     resolved = [q["path"] for q in hub.state.requests[n:] if "/resolve/" in q["path"]]
     assert resolved and all(p.endswith("/config.json") for p in resolved)
+
+
+def test_infer_from_the_hub_with_encoders_from_another_repo(hub, ckpt, toy_ckpt, tmp_path):
+    from huggingface_hub import HfApi
+
+    from qavatar.pipeline.video_writer import probe
+
+    assert run(hub, tmp_path / "pub", "push", str(ckpt), "--repo-id", "me/avatar").returncode == 0
+    # an upstream-style repo (no qavatar manifest) holding the DiT shards AND the encoders
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("wan/s2v")
+    dit = toy_ckpt / "Wan2.2-S2V-14B"
+    api.upload_folder(folder_path=str(dit), repo_id="wan/s2v", ignore_patterns=["qavatar-manifest.json"])
+    n = len(hub.state.requests)
+    bundled = os.path.join(os.path.dirname(__file__), "..", "calibration", "bundled")
+    out = tmp_path / "o.mp4"
+    r = run(hub, tmp_path / "home", "infer", "--checkpoint", "me/avatar", "--encoders", "wan/s2v",
+            "--image", os.path.join(bundled, "images", "p00.png"), "--audio", os.path.join(bundled, "audio", "p00.wav"),
+            "--num-clip", "1", "--out", str(out), "--quiet", token=False)
+    assert r.returncode == 0, r.stderr
+    assert probe(out)["frames"] == 45
+    fetched = {re.sub(r"^.*?/resolve/[^/]+/", "", q["path"]) for q in hub.state.requests[n:]
+               if q["method"] == "GET" and "/wan/s2v/resolve/" in q["path"]}
+    assert "Wan2.1_VAE.pth" in fetched and "models_t5_umt5-xxl-enc-bf16.pth" in fetched
+    assert not any(f.startswith("diffusion_pytorch_model") for f in fetched)  # only the encoders

@@ -125,10 +125,14 @@ def model_card(ckpt: "str | Path", repo_id: str) -> str:
               "pip install qavatar",
               f"qavatar plan --checkpoint {repo_id} --gpus 4 --vram 24GiB     # will it fit? (reads config.json only)",
               f"qavatar inspect {repo_id}                                    # downloads, verifies the sha256 manifest",
-              f"torchrun --nproc-per-node 4 -m qavatar.parallel.stream --checkpoint {repo_id} --tp 4 --device cuda",
+              f"qavatar infer --checkpoint {repo_id} --encoders Wan-AI/Wan2.2-S2V-14B --tp 4 \\",
+              "    --image face.jpg --audio speech.wav --prompt \"A person talking\" --out out.mp4",
+              f"torchrun --nproc-per-node 4 -m qavatar.cli infer --checkpoint {repo_id} --encoders "
+              f"Wan-AI/Wan2.2-S2V-14B --tp 4 --image face.jpg --audio speech.wav --out out.mp4   # same, via torchrun",
               "```", "",
-              "The text encoder (umT5-XXL), the VAE and wav2vec2 come from "
-              "[Wan-AI/Wan2.2-S2V-14B](https://huggingface.co/Wan-AI/Wan2.2-S2V-14B).", "",
+              "`--encoders` downloads only the text encoder (umT5-XXL), its tokenizer, the VAE and wav2vec2 from "
+              "[Wan-AI/Wan2.2-S2V-14B](https://huggingface.co/Wan-AI/Wan2.2-S2V-14B) (about 12 GB, not the bf16 "
+              "DiT); umT5 runs on the CPU and prompt embeddings are cached on disk.", "",
               "## Provenance", "",
               f"- source weights sha256 `{qa.get('source_sha256', '')}`" + (
                   f", LoRA `{Path(qa['lora']).name}` sha256 `{qa.get('lora_sha256', '')}`" if qa.get("lora") else ""),
