@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from typer.testing import CliRunner
 
 from conftest import REPO

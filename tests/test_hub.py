@@ -157,16 +157,17 @@ def test_plan_reads_only_config(hub, ckpt, tmp_path):
 
 
 def test_infer_from_the_hub_with_encoders_from_another_repo(hub, ckpt, toy_ckpt, tmp_path):
-    from huggingface_hub import HfApi
-
     from qavatar.pipeline.video_writer import probe
 
     assert run(hub, tmp_path / "pub", "push", str(ckpt), "--repo-id", "me/avatar").returncode == 0
     # an upstream-style repo (no qavatar manifest) holding the DiT shards AND the encoders
-    api = HfApi(endpoint=hub.url, token=TOKEN)
-    api.create_repo("wan/s2v")
-    dit = toy_ckpt / "Wan2.2-S2V-14B"
-    api.upload_folder(folder_path=str(dit), repo_id="wan/s2v", ignore_patterns=["qavatar-manifest.json"])
+    upload = ("import sys; from huggingface_hub import HfApi; api = HfApi(); api.create_repo('wan/s2v'); "
+              "api.upload_folder(folder_path=sys.argv[1], repo_id='wan/s2v', ignore_patterns=['qavatar-manifest.json'])")
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "up"), "HF_HUB_DISABLE_XET": "1",
+           "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    r = subprocess.run([sys.executable, "-c", upload, str(toy_ckpt / "Wan2.2-S2V-14B")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
     n = len(hub.state.requests)
     bundled = os.path.join(os.path.dirname(__file__), "..", "calibration", "bundled")
     out = tmp_path / "o.mp4"

@@ -3,9 +3,10 @@
     torchrun --nproc-per-node 4 -m qavatar.parallel.stream --checkpoint ckpt-fp8/ --tp 4 --blocks 8
     python -m qavatar.parallel.stream --checkpoint ckpt-fp8/ --tp 2        # starts the 2 ranks itself
 
-Inputs here are seeded random condition latents, text and audio states (the DiT's own interface); the
-inference pipeline feeds real encoders into the same `stream_latents`. Every rank ends with the same
-latents (the row-parallel layers all-reduce); rank 0 reports timing, bytes read and memory per rank.
+Inputs here are seeded random condition latents, text and audio states (the DiT's own interface): a
+benchmark of the sharded DiT alone. `qavatar infer` (pipeline/infer.py) runs the same StreamingSession on
+the real encoders' outputs and writes the video. Every rank ends with the same latents (the row-parallel
+layers all-reduce); rank 0 reports timing, bytes read and memory per rank.
 """
 from __future__ import annotations
 
