@@ -114,3 +114,21 @@ def test_bad_streaming_input(model):
 def test_no_cond_states_means_zero_pose_latents(model):
     x = torch.randn(1, 16, 3, *HW)
     assert torch.allclose(model.embed_video(x, None), model.embed_video(x, torch.zeros_like(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_schedule_and_euler_step_equal_diffusers(steps):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(steps)
+    timesteps, sigmas = flow_match_schedule(steps)
+    assert torch.equal(timesteps, sched.timesteps.float()) and torch.equal(sigmas, sched.sigmas.float())
+    g = torch.Generator().manual_seed(steps)
+    x = torch.randn(1, 16, 3, 4, 2, generator=g)
+    for i, t in enumerate(sched.timesteps):
+        flow = torch.randn(x.shape, generator=g)
+        want = sched.step(flow, t, x, return_dict=False)[0]
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * flow  # StreamingSession.denoise_block's update
+        assert torch.allclose(x, want, atol=1e-6)
+        x = want
