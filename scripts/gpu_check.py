@@ -11,7 +11,12 @@ with random weights under a fake process group (collectives are no-ops, memory i
 at 704x384 with the rolling window full runs one block, and torch.cuda.max_memory_allocated is compared
 with what `qavatar plan --gpus 4 --precision fp8` plans for that rank (weights + KV + activations).
 
-    python scripts/gpu_check.py [--iters 10] [--json OUT.json] [--no-tp-rank]
+Last (--infer, on by default), `qavatar infer` end to end on the GPU with the toy checkpoint (tiny DiT and
+encoders, random weights) at 704x384, bf16 and fp8 (quantized while loading), 2 clips: it exercises the CUDA
+paths of the pipeline (VAE in bf16 on the GPU, the fp8 kernels, the mp4 writer) and prints frames, wall
+time per clip and peak GPU memory.
+
+    python scripts/gpu_check.py [--iters 10] [--json OUT.json] [--no-tp-rank] [--no-infer]
 """
 from __future__ import annotations
 
@@ -161,11 +166,40 @@ def tp_rank_check(precision: str = "fp8", tp_size: int = 4, preset: str = "livea
     return out
 
 
+def infer_check(device: str = "cuda", size: str = "704*384") -> list[dict]:
+    import tempfile
+
+    from qavatar.checkpoint.toy import make_toy_checkpoint
+    from qavatar.pipeline.infer import InferRequest, infer
+    from qavatar.pipeline.video_writer import probe
+
+    root = Path(tempfile.mkdtemp(prefix="qavatar-gpu-"))
+    ckpt = make_toy_checkpoint(root / "toy")
+    bundled = Path(__file__).resolve().parents[1] / "calibration" / "bundled"
+    rows = []
+    for precision in ("bf16", "fp8"):
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        out = root / f"{precision}.mp4"
+        res = infer(InferRequest(str(ckpt), str(bundled / "images" / "p00.png"), str(bundled / "audio" / "p00.wav"),
+                                 "a woman talking", str(out), precision=precision, size=size, num_clip=2,
+                                 device=device, quiet=True))[-1]
+        info = probe(out)
+        rows.append({"precision": precision, "frames": info["frames"], "size": [info["height"], info["width"]],
+                     "audio_s": info["audio_seconds"], "seconds": res.seconds, "clip_seconds": res.clip_seconds,
+                     "peak_gpu_mb": res.peak_gpu_bytes / 1e6})
+        print(f"infer toy {precision} {size} 2 clips: {info['frames']} frames {info['height']}x{info['width']}, "
+              f"audio {info['audio_seconds']:.2f} s, {res.seconds:.1f} s (per clip "
+              f"{', '.join(f'{c:.2f}' for c in res.clip_seconds)} s), peak GPU {res.peak_gpu_bytes / 1e6:.0f} MB")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-tp-rank", action="store_true")
+    ap.add_argument("--no-infer", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check runs on a GPU session")
@@ -204,9 +238,11 @@ def main() -> None:
     del bf16
     torch.cuda.empty_cache()
     tp_rank = None if args.no_tp_rank else tp_rank_check()
+    torch.cuda.empty_cache()
+    infer_rows = None if args.no_infer else infer_check()
     out_path = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     if out_path:
-        out_path.write_text(json.dumps({"device": name, "capability": cap, "rows": rows, "tp_rank": tp_rank},
+        out_path.write_text(json.dumps({"device": name, "capability": cap, "rows": rows, "tp_rank": tp_rank, "infer": infer_rows},
                                        indent=2))
 
 
