@@ -102,8 +102,8 @@ def resolve_precision(requested: Optional[str], stored: str, device: str) -> tup
         raise ConfigError(f"--precision {want} but the checkpoint is {stored}; use --precision {family} or a "
                           f"{want} checkpoint")
     fp8 = (runtime or stored).startswith("fp8") and not (runtime or stored).endswith("-wo")
-    if fp8 and device == "cuda":
-        cap = torch.cuda.get_device_capability()
+    if fp8 and device == "cuda":  # this rank's GPU (under torchrun), not a context on GPU 0 for every rank
+        cap = torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))
         if cap < (8, 9):
             notes.append(f"this GPU (sm{cap[0]}{cap[1]}) has no FP8 tensor cores: running the fp8 weights "
                          f"weight-only (dequantized to bf16 per layer), with the same memory for weights")
