@@ -255,15 +255,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def calibration_encoders(dit_dir: Path, cfg: ModelConfig, log: Callable[[str], None]):
-    """The checkpoint's own encoders (umT5, VAE, wav2vec2) when it has them, else the stand-ins."""
+def calibration_encoders(dit_dir: Path, cfg: ModelConfig, log: Callable[[str], None], device: str = "cpu",
+                         dtype: torch.dtype = torch.float32):
+    """The checkpoint's own encoders (umT5, VAE, wav2vec2) when it has them, else the stand-ins.
+    The VAE runs on `device` (73 motion frames per pair); umT5 and wav2vec2 on the CPU, as in infer."""
     from ..pipeline.components import missing_parts
 
     missing = missing_parts(dit_dir)
     if not missing:
         from ..pipeline.encoders import PipelineEncoders
 
-        return PipelineEncoders(dit_dir, cfg)
+        return PipelineEncoders(dit_dir, cfg, device=device, dtype=dtype)
     from ..pipeline.stand_in import StandInEncoders
 
     log(f"{dit_dir} lacks {', '.join(missing)}: calibrating with stand-in encoders (real shapes, not the real "
@@ -298,7 +300,7 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
         calib = CalibrationSet(calibration or BUNDLED)
         h, w = parse_size(size) if size else cfg.default_size
         latent_hw = (h // 8, w // 8)
-        encoders = calibration_encoders(dit_dir, cfg, log)
+        encoders = calibration_encoders(dit_dir, cfg, log, device, dtype)
         inputs = calib.inputs(encoders, cfg, latent_hw, limit=max_pairs)
         log(f"calibrating on {len(inputs)} pairs of {calib.name} at {h}x{w} ({device}, "
             f"{str(dtype).removeprefix('torch.')}; encoders: {encoders.name}), one block at a time")
