@@ -137,6 +137,7 @@ def test_bad_input_is_one_clear_error_and_leaves_out_alone(ckpts, tmp_path):
         (dict(precision="bf16", ckpt="fp8"), ConfigError, "holds no bf16 weights"),
         (dict(precision="int8", ckpt="fp8"), ConfigError, "--precision int8 but the checkpoint is fp8"),
         (dict(device="cuda"), ConfigError, "no CUDA GPU is visible"),
+        (dict(t5_precision="fp8"), ConfigError, "--t5-precision fp8: choose bf16 or int8"),
     ]
     for kw, err, msg in cases:
         ckpt = ckpts[kw.pop("ckpt", "bf16")]

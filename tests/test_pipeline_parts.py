@@ -131,6 +131,25 @@ def test_text_encoder_caches_prompts_on_disk(toy_ckpt, tmp_path, monkeypatch):
     assert torch.equal(TextEncoder(root).encode("A  woman\n talking &amp; smiling"), a)
 
 
+def test_int8_text_encoder_is_close_to_bf16_and_cached_apart(toy_ckpt, tmp_path, monkeypatch):
+    from qavatar.quant.linear import QuantLinear
+    from qavatar.quant.stats import sqnr_db
+
+    monkeypatch.setenv("QAVATAR_CACHE", str(tmp_path / "cache"))
+    root = toy_ckpt / "Wan2.2-S2V-14B"
+    prompt = "A man reading the news, calm voice"
+    ref = TextEncoder(root).encode(prompt)
+    enc = TextEncoder(root, precision="int8")
+    got = enc.encode(prompt)
+    lins = [m for m in enc.model().modules() if isinstance(m, (torch.nn.Linear, QuantLinear))]
+    assert lins and all(isinstance(m, QuantLinear) and m.weight.dtype == torch.int8 for m in lins)
+    assert not torch.equal(got, ref)  # really another encoding, not the bf16 entry from the cache
+    assert sqnr_db(ref.pow(2).sum().item(), (got - ref).pow(2).sum().item()) > 30
+    assert len(list((tmp_path / "cache" / "prompts").glob("*.safetensors"))) == 2
+    with pytest.raises(ConfigError, match="umT5 precision"):
+        TextEncoder(root, precision="fp4")
+
+
 def test_t5_file_is_loaded_without_unpickling_code(tmp_path):
     class Evil:
         def __reduce__(self):

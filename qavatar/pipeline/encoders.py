@@ -23,13 +23,14 @@ class PipelineEncoders:
     name = "pipeline"
 
     def __init__(self, root: "str | Path", cfg: ModelConfig, device: "str | torch.device" = "cpu",
-                 dtype: torch.dtype = torch.float32, prompt_cache: bool = True):
+                 dtype: torch.dtype = torch.float32, prompt_cache: bool = True,
+                 t5_precision: str = "bf16"):
         from .audio_encoder import AudioEncoder
         from .text_encoder import TextEncoder
         from .vae import VAE_FILE, WanVAE
 
         self.cfg, self.root = cfg, Path(root)
-        self.text = TextEncoder(self.root, text_len=cfg.text_len, use_cache=prompt_cache)
+        self.text = TextEncoder(self.root, text_len=cfg.text_len, use_cache=prompt_cache, precision=t5_precision)
         self.vae = WanVAE.load(self.root / VAE_FILE, device=device, dtype=dtype)
         self.audio = AudioEncoder(self.root)
 

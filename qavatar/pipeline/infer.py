@@ -55,6 +55,7 @@ class InferRequest:
     quiet: bool = False
     prompt_cache: bool = True
     timeout_s: float = 600.0
+    t5_precision: str = "bf16"  # the umT5 encoder on the CPU: bf16 or int8 (weight-only)
 
 
 @dataclass
@@ -140,6 +141,10 @@ def prepare(req: InferRequest) -> Prepared:
         raise ConfigError("--tp must be at least 1")
     if req.sample_steps < 1:
         raise ConfigError("--sample-steps must be at least 1")
+    from .text_encoder import T5_PRECISIONS
+
+    if req.t5_precision not in T5_PRECISIONS:
+        raise ConfigError(f"--t5-precision {req.t5_precision}: choose {' or '.join(T5_PRECISIONS)}")
     out = Path(req.out)
     if out.is_dir():
         raise MediaError(f"--out {out} is a directory; give a file name such as {out / 'out.mp4'}")
@@ -207,7 +212,8 @@ class _Host:
 
         req = prep.request
         t = time.perf_counter()
-        enc = PipelineEncoders(prep.parts.encoders, prep.cfg, device, dtype, prompt_cache=req.prompt_cache)
+        enc = PipelineEncoders(prep.parts.encoders, prep.cfg, device, dtype, prompt_cache=req.prompt_cache,
+                               t5_precision=req.t5_precision)
         self.context = enc.encode_text(req.prompt)
         enc.text.release()
         self.vae = enc.vae
