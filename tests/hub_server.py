@@ -183,6 +183,15 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, {"commitUrl": f"{self.base}/{repo_id}/commit/{oid}", "commitOid": oid,
                                 "success": True, "pullRequestUrl": None})
 
+    def _snapshot(self, repo_id: str, rev: str):
+        """(commit oid, files) of repo_id at rev, or None after answering 404."""
+        if repo_id not in self.state.repos:
+            return self._error(404, "Repository not found")
+        try:
+            return self.state.tree(repo_id, rev)
+        except KeyError:
+            return self._error(404, "Revision not found")
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
@@ -192,12 +201,10 @@ class Handler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo_id, rev = f"{parts[2]}/{parts[3]}", parts[5]
-            if repo_id not in self.state.repos:
-                return self._error(404, "Repository not found")
-            try:
-                oid, files = self.state.tree(repo_id, rev)
-            except KeyError:
-                return self._error(404, "Revision not found")
+            found = self._snapshot(repo_id, rev)
+            if found is None:
+                return
+            oid, files = found
             if parts[4] == "revision":
                 return self._send(200, {"id": repo_id, "modelId": repo_id, "sha": oid, "private":
                                         self.state.repos[repo_id].private,
@@ -214,12 +221,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, entries)
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, rev, path = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
-            if repo_id not in self.state.repos:
-                return self._error(404, "Repository not found")
-            try:
-                oid, files = self.state.tree(repo_id, rev)
-            except KeyError:
-                return self._error(404, "Revision not found")
+            found = self._snapshot(repo_id, rev)
+            if found is None:
+                return
+            oid, files = found
             if path not in files:
                 return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound",
                                                                       "X-Repo-Commit": oid})
