@@ -24,7 +24,7 @@ from .block import DiTBlock, Head, Segments, linear_fp32
 from .config import ModelConfig
 from .framepack import FramePackMotioner
 from .kv_cache import LayerKV, RollingKVCache, SinkCache
-from .rope import rope_table, video_positions
+from .rope import framepack_positions, rope_table, video_positions
 
 NOISY, REF, MOTION = 0, 1, 2  # trainable_cond_mask ids
 
@@ -148,18 +148,27 @@ class LiveAvatarDiT(nn.Module):
     # ------------------------------------------------------------------ the block stack
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, rope: torch.Tensor, context: torch.Tensor,
                    frames: Segments, audio: Optional[AudioTokens] = None,
-                   kv: Optional[Callable[[int], LayerKV]] = None) -> torch.Tensor:
-        """All blocks, with audio injection after the inject layers when audio tokens are given.
+                   kv: Optional[Callable[[int], LayerKV]] = None, layers: Optional[range] = None) -> torch.Tensor:
+        """The blocks (all, or a pipeline stage's `layers`), with audio injection after the inject layers when
+        audio tokens are given.
 
         frames: the per-latent-frame token layout of the noisy tokens (audio is injected frame by frame);
         e0's frame axis may be coarser (the non-causal forward uses one timestep for all frames).
         """
         mod = Segments(e0.shape[1], frames.num_noisy // e0.shape[1]) if frames.num_noisy else frames
-        for i, block in enumerate(self.blocks):
-            x = block(x, e0, mod, rope, context, kv(i) if kv else None)
+        for i in layers if layers is not None else range(len(self.blocks)):
+            x = self.blocks[i](x, e0, mod, rope, context, kv(i) if kv else None)
             if audio is not None and i in self.inject_index:
                 x = self.audio_injector(self.inject_index[i], x, frames, *audio)
         return x
+
+    def condition_positions(self, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """RoPE positions of the [reference | motion] tokens and the reference token count, from shapes alone
+        (a pipeline stage without the embedding weights needs them for its share of the sink)."""
+        _, ph, pw = self.cfg.patch_size
+        gh, gw = latent_hw[0] // ph, latent_hw[1] // pw
+        motion = framepack_positions(self.cfg.framepack_buckets, *latent_hw)
+        return torch.cat([video_positions(self.cfg.ref_rope_frame, 1, gh, gw), *motion]), gh * gw
 
     # ------------------------------------------------------------------ the three ways to run
     def forward_full(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, ref_latents: torch.Tensor,
@@ -179,15 +188,49 @@ class LiveAvatarDiT(nn.Module):
         out = self.head(h[:, :seg.num_noisy], e)
         return self.unpatchify(out, frames, gh, gw)
 
-    def prefill_sink(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor, context: torch.Tensor,
-                     sink: SinkCache) -> None:
-        """Run the condition tokens through every block at t=0, caching each layer's K (un-roped) and V."""
-        tokens, positions, num_ref = self.embed_condition(ref_latents, motion_latents)
+    # ------------------------------------------------------------------ the sink prefill, in stage-sized pieces
+    def sink_embed(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition tokens [B, Lc, dim] and their (t=0) time modulation e0: the first stage's part."""
+        tokens, _, _ = self.embed_condition(ref_latents, motion_latents)
         _, e0 = self.embed_time(torch.zeros(tokens.shape[0], self.cfg.num_frames_per_block, device=self.device))
+        return tokens, e0
+
+    def sink_layers(self, tokens: torch.Tensor, e0: torch.Tensor, latent_hw: tuple[int, int], context: torch.Tensor,
+                    sink: SinkCache, layers: Optional[range] = None) -> torch.Tensor:
+        """Run the condition tokens through the blocks at t=0, caching each layer's K (un-roped) and V."""
+        positions, num_ref = self.condition_positions(latent_hw)
         rope = rope_table(positions, self.cfg.rope_split, self.cfg.rope_theta)
         sink.positions, sink.num_ref_tokens = positions, num_ref
-        self.run_blocks(tokens, e0, rope, context, Segments(0, 1),
-                        kv=lambda i: LayerKV("sink", i, sink))
+        return self.run_blocks(tokens, e0, rope, context, Segments(0, 1), kv=lambda i: LayerKV("sink", i, sink),
+                               layers=layers)
+
+    def prefill_sink(self, ref_latents: torch.Tensor, motion_latents: torch.Tensor, context: torch.Tensor,
+                     sink: SinkCache) -> None:
+        """Prefill every layer's sink with the [reference | motion] condition."""
+        self.sink_layers(*self.sink_embed(ref_latents, motion_latents), tuple(ref_latents.shape[-2:]), context, sink)
+
+    # ------------------------------------------------------------------ a streaming call, in stage-sized pieces
+    def stream_embed(self, x: torch.Tensor, t: torch.Tensor, cond_states: Optional[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noisy latents -> (tokens [B, L, dim], e [B, F, dim] for the head, e0 for the blocks): the first stage's part."""
+        e, e0 = self.embed_time(t)
+        return self.embed_video(x, cond_states) + self.trainable_cond_mask.weight[NOISY].to(self.dtype), e, e0
+
+    def stream_layers(self, h: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, audio: AudioTokens,
+                      rolling: RollingKVCache, sink: SinkCache, start_frame: int, sink_shift: int,
+                      grid: tuple[int, int, int], layers: Optional[range] = None) -> torch.Tensor:
+        """The blocks of one streaming call; grid = (frames, gh, gw) of the block's tokens."""
+        frames, gh, gw = grid
+        split, theta = self.cfg.rope_split, self.cfg.rope_theta
+        rope = rope_table(video_positions(start_frame, frames, gh, gw), split, theta)
+        sink_rope = rope_table(sink.shifted_positions(sink_shift), split, theta)
+        start = start_frame * gh * gw
+        return self.run_blocks(h, e0, rope, context, Segments(frames, gh * gw), audio,
+                               kv=lambda i: LayerKV("stream", i, sink, rolling, start, sink_rope), layers=layers)
+
+    def stream_head(self, h: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Final tokens -> the flow prediction [B, C, F, H, W] in fp32: the last stage's part."""
+        return self.unpatchify(self.head(h, e), *grid)
 
     def forward_stream(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                        cond_states: Optional[torch.Tensor], audio: AudioTokens, rolling: RollingKVCache,
@@ -199,19 +242,10 @@ class LiveAvatarDiT(nn.Module):
         """
         if not sink.ready:
             raise RuntimeError("prefill_sink must run before forward_stream")
-        b, _, frames = x.shape[:3]
-        gh, gw = self._grid(x)
-        frame_len = gh * gw
-        split, theta = self.cfg.rope_split, self.cfg.rope_theta
-        rope = rope_table(video_positions(start_frame, frames, gh, gw), split, theta)
-        sink_rope = rope_table(sink.shifted_positions(sink_shift), split, theta)
-        e, e0 = self.embed_time(t)
-        start = start_frame * frame_len
-        h = self.run_blocks(self.embed_video(x, cond_states) + self.trainable_cond_mask.weight[NOISY].to(self.dtype),
-                            e0, rope, context, Segments(frames, frame_len), audio,
-                            kv=lambda i: LayerKV("stream", i, sink, rolling, start, sink_rope))
-        return self.unpatchify(self.head(h, e), frames, gh, gw)
-
+        grid = (x.shape[2], *self._grid(x))
+        h, e, e0 = self.stream_embed(x, t, cond_states)
+        h = self.stream_layers(h, e0, context, audio, rolling, sink, start_frame, sink_shift, grid)
+        return self.stream_head(h, e, grid)
 
 def build_model(spec: "str | dict | ModelConfig" = "liveavatar-14b", tp: TPGroup = SINGLE,
                 dtype: Optional[torch.dtype] = None) -> LiveAvatarDiT:

@@ -6,7 +6,8 @@ Sink:    K (un-roped) and V of the condition tokens [reference image | FramePack
 Rolling: roped K and V of generated tokens at their absolute positions, a window of one clip
          (clip_latent_frames * tokens_per_frame), written modulo the window once it is full.
 The reference keeps one rolling cache per denoising step (step i always reads and writes cache i).
-Caches hold this rank's heads only, so they shard with tensor parallelism.
+Caches hold this rank's heads only, so they shard with tensor parallelism, and only the layers of this rank's
+pipeline stage (layers first_layer.. of the DiT), so they shard with the pipeline layout too.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class SinkCache:
     v: list[Optional[torch.Tensor]] = field(default_factory=list)
     positions: Optional[torch.Tensor] = None  # [Lc, 3] RoPE positions at prefill time
     num_ref_tokens: int = 0  # the first tokens are the reference image; only they move with the offset
+    first_layer: int = 0  # DiT index of the first layer held (a pipeline stage holds a contiguous range)
 
     def __post_init__(self) -> None:
         self.k = [None] * self.num_layers
@@ -48,15 +50,15 @@ class RollingKVCache:
     """Self-attention K/V for one denoising step: [layers, B, window, heads, head_dim] for K and for V."""
 
     def __init__(self, num_layers: int, batch: int, window: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device: "torch.device | str" = "cpu"):
+                 dtype: torch.dtype, device: "torch.device | str" = "cpu", first_layer: int = 0):
         shape = (num_layers, batch, window, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.window = window
+        self.window, self.first_layer = window, first_layer
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v of tokens [start, start+L) (absolute) and return the K/V rows attention sees."""
-        n = k.shape[1]
+        n, layer = k.shape[1], layer - self.first_layer
         if start >= self.window:  # window full: overwrite the oldest rows, attend to all of them
             slot, active = start % self.window, self.window
         else:
@@ -80,13 +82,15 @@ class LayerKV:
         self.start, self.sink_rope = start, sink_rope
 
     def store_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.sink.k[self.layer] = k.detach().clone()
-        self.sink.v[self.layer] = v.detach().clone()
+        i = self.layer - self.sink.first_layer
+        self.sink.k[i] = k.detach().clone()
+        self.sink.v[i] = v.detach().clone()
 
     def append(self, k_roped: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.rolling.write(self.layer, self.start, k_roped.to(self.rolling.k.dtype),
                                           v.to(self.rolling.v.dtype))
-        sink_k = apply_rope(self.sink.k[self.layer], self.sink_rope).type_as(v)
+        i = self.layer - self.sink.first_layer
+        sink_k = apply_rope(self.sink.k[i], self.sink_rope).type_as(v)
         keys = torch.cat([keys.type_as(v), sink_k], dim=1)
-        values = torch.cat([values.type_as(v), self.sink.v[self.layer].type_as(v)], dim=1)
+        values = torch.cat([values.type_as(v), self.sink.v[i].type_as(v)], dim=1)
         return keys, values
