@@ -39,6 +39,28 @@ def flow_match_schedule(steps: int = 4, shift: float = 3.0, train_steps: int = 1
 
 
 @dataclass
+class BlockInputs:
+    """What a run draws or receives per block, as callables so nothing is held longer than its block.
+
+    noise(block) -> [B, C, F, h, w]; audio(block) -> wav2vec2 features [B, layers, C_a, 4F];
+    condition(clip, first_block) -> (ref_latents, motion_latents) for the sink of that clip: clip 0 the
+    reference image; clip 1 the rolled sink, made from first_block (the finished latents of block 0).
+    """
+    noise: Callable[[int], torch.Tensor]
+    audio: Callable[[int], torch.Tensor]
+    condition: Callable[[int, Optional[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def rolled_condition(ref_latents: torch.Tensor, motion_latents: torch.Tensor
+                     ) -> Callable[[int, Optional[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+    """The reference multi-GPU pipeline's sink: the image first; from clip 1 on, the first generated latent frame
+    as the reference, with the motion latents unchanged."""
+    def condition(clip: int, first_block: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (ref_latents, motion_latents) if clip == 0 else (first_block[:, :, :1], motion_latents)
+    return condition
+
+
+@dataclass
 class CallInfo:
     """What one forward_stream call did (for progress displays, tests and parity checks)."""
     block: int
@@ -119,3 +141,18 @@ class StreamingSession:
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches) + self.sink.nbytes()
+
+
+def stream_sequential(session: StreamingSession, blocks: int, inputs: BlockInputs,
+                      on_block: Callable[[int, torch.Tensor], None],
+                      on_call: Optional[Callable[[CallInfo], None]] = None) -> None:
+    """Every block in order on one rank group (TP or a single GPU); the sink rolls when clip 1 starts."""
+    per_clip = session.cfg.clip_latent_frames // session.cfg.num_frames_per_block
+    first = None
+    for b in range(blocks):
+        if b == per_clip:
+            session.roll_sink(*inputs.condition(1, first))
+        latents = session.denoise_block(inputs.noise(b), inputs.audio(b), on_call=on_call)
+        if b == 0:
+            first = latents
+        on_block(b, latents)

@@ -32,16 +32,25 @@ def backend_for(device: "str | torch.device") -> str:
 def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
             exact_int8_reduce: bool = True) -> TPGroup:
     """Join the process group torchrun (or spawn_ranks) described in the environment; check the world size."""
-    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    if tp == 1 and env["WORLD_SIZE"] in (None, "1"):
+    if tp == 1 and os.environ.get("WORLD_SIZE") in (None, "1"):
         return TPGroup()
+    rank, world = init_world(tp, f"--tp {tp}", device, timeout_s)
+    return TPGroup(rank, world, dist.group.WORLD, exact_int8_reduce)
+
+
+def init_world(world: int, what: str, device: "str | torch.device" = "cpu",
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """Join the `world`-rank process group described in the environment (what: the flags that asked for it,
+    for the messages); returns (rank, world). Sets this rank's GPU first on CUDA."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     missing = [k for k, v in env.items() if v is None]
     if missing:
-        raise RankError(f"--tp {tp} needs {tp} ranks: launch with `torchrun --nproc-per-node {tp} ...` or let "
+        raise RankError(f"{what} needs {world} ranks: launch with `torchrun --nproc-per-node {world} ...` or let "
                         f"qavatar start them (missing {', '.join(missing)})")
-    world, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
-    if world != tp:
-        raise RankError(f"--tp {tp} but the launcher started {world} ranks (WORLD_SIZE={world}); they must match")
+    started, rank = int(env["WORLD_SIZE"]), int(env["RANK"])
+    if started != world:
+        raise RankError(f"{what} but the launcher started {started} ranks (WORLD_SIZE={started}); it needs "
+                        f"{world}")
     if torch.device(device).type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
         if local >= torch.cuda.device_count():
@@ -56,7 +65,7 @@ def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DE
             raise RankError(f"rank {rank}: could not form the {world}-rank group at {env['MASTER_ADDR']}:"
                             f"{env['MASTER_PORT']} within {timeout_s:g} s (did every rank start?): "
                             f"{str(e).splitlines()[0][:200]}") from None
-    return TPGroup(rank, world, dist.group.WORLD, exact_int8_reduce)
+    return rank, world
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..quant import QuantConfig
 from .group import TPGroup
 from .shard import shard_dim, shard_range
+from .stages import stage_holds
 
 
 @dataclass
@@ -32,8 +33,12 @@ class RankLoad:
 
 def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float32,
               device: "str | torch.device" = "cpu", lora: "str | Path | bool | None" = True,
-              lora_alpha: Optional[float] = None, quantize: "Optional[QuantConfig]" = None) -> RankLoad:
+              lora_alpha: Optional[float] = None, quantize: "Optional[QuantConfig]" = None,
+              stage: Optional[tuple[range, bool, bool]] = None) -> RankLoad:
     """This rank's model: built at its local shapes on the meta device, then filled slice by slice.
+
+    stage: (layers, first, last) of a pipeline stage: only its blocks (and injectors), the embeddings on the
+    first stage and the head on the last are read; the rest of the model stays on the meta device.
 
     quantize: quantize a bf16 checkpoint while loading (dynamic activations, no calibration), one slice at
     a time, so the rank never holds its bf16 weights; row-parallel slices share the whole row's scale.
@@ -64,6 +69,8 @@ def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float3
                 keep |= {f"{name}.{b}" for b in ("weight", "weight_scale", "input_scale", "smooth_scale")}
     state = {}
     for key, meta in model.state_dict().items():
+        if stage is not None and not stage_holds(cfg, key, *stage):
+            continue  # another stage's
         if key.endswith(".weight_scale") and key[: -len(".weight_scale")] in at_load:
             continue  # made with its weight, below
         dim = shard_dim(key)
@@ -78,8 +85,10 @@ def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float3
             raise CheckpointError(f"{dit_dir}: {key} slice for rank {tp.rank}/{tp.size} is {list(t.shape)}, "
                                   f"the model expects {list(meta.shape)}")
         state[key] = t.to(device=device, dtype=None if key in keep else dtype)
-    model.load_state_dict(state, assign=True, strict=True)
-    held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=stage is None)
+    if unexpected or any(stage_holds(cfg, k, *stage) for k in missing):
+        raise CheckpointError(f"{dit_dir}: stage load left {missing[:3]} unfilled, {unexpected[:3]} unused")
+    held = sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
     return RankLoad(model.eval(), weights.bytes_read, held, qc is not None or quantize is not None)
 
 

@@ -43,3 +43,22 @@ def balance(costs: list[int], stages: int, first_extra: int = 0, last_extra: int
 def stage_layers(cfg: ModelConfig, stages: int, latent_hw: tuple[int, int]) -> list[tuple[int, int]]:
     """Layer ranges [start, stop) of each pipeline stage for streaming at this latent size."""
     return balance(layer_flops(cfg, latent_hw), stages, embed_flops(cfg, latent_hw), head_flops(cfg, latent_hw))
+
+
+_FIRST_STAGE = ("patch_embedding.", "cond_encoder.", "text_embedding.", "time_embedding.", "time_projection.",
+                "trainable_cond_mask.", "casual_audio_encoder.", "frame_packer.")
+
+
+def stage_holds(cfg: ModelConfig, key: str, layers: range, first: bool, last: bool) -> bool:
+    """Whether the stage running `layers` (first and/or last of the pipeline) holds checkpoint key `key`:
+    its blocks and their audio injectors; the embeddings on the first stage, the head on the last."""
+    if key.startswith("blocks."):
+        return int(key.split(".")[1]) in layers
+    if key.startswith(("audio_injector.injector.", "audio_injector.injector_adain_layers.")):
+        index = int(key.split(".")[2])
+        return any(cfg.inject_index.get(i) == index for i in layers)
+    if key.startswith("head."):
+        return last
+    if key.startswith(_FIRST_STAGE):
+        return first
+    raise ValueError(f"no pipeline stage rule for {key}")

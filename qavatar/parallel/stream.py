@@ -2,11 +2,13 @@
 
     torchrun --nproc-per-node 4 -m qavatar.parallel.stream --checkpoint ckpt-fp8/ --tp 4 --blocks 8
     python -m qavatar.parallel.stream --checkpoint ckpt-fp8/ --tp 2        # starts the 2 ranks itself
+    python -m qavatar.parallel.stream --checkpoint ckpt-fp8/ --pp 4 --trace trace.json   # 4 layer stages
 
 Inputs here are seeded random condition latents, text and audio states (the DiT's own interface): a
 benchmark of the sharded DiT alone. `qavatar infer` (pipeline/infer.py) runs the same StreamingSession on
 the real encoders' outputs and writes the video. Every rank ends with the same latents (the row-parallel
-layers all-reduce); rank 0 reports timing, bytes read and memory per rank.
+layers all-reduce); rank 0 reports timing, bytes read and memory per rank. With --pp the layers are split into
+stages (parallel/pipeline.py) and stage 0 ends with the latents.
 """
 from __future__ import annotations
 
@@ -15,74 +17,131 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..model.streaming import StreamingSession, flow_match_schedule
+import torch.distributed as dist
+
+from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, stream_sequential
 from .group import TPGroup
 from .launch import init_tp, spawn_ranks
 from .load import load_rank
+from .pipeline import PipeGroup, PipelineStage, init_pipeline, schedule_for
+from .stages import stage_layers
+from .trace import write_trace
 
 
 @dataclass
 class StreamReport:
     rank: int
-    latents: torch.Tensor
+    latents: Optional[torch.Tensor]  # every block in order [1, C, F_total, h, w] (ranks that finish blocks)
     seconds_per_block: list[float]
     bytes_read: int
     held_bytes: int
     cache_bytes: int
+    trace: list = field(default_factory=list)  # pipeline ranks: (stage, block, step, slot, start, end)
+    bytes_sent: dict = field(default_factory=dict)
 
 
-def random_inputs(cfg, latent_hw: tuple[int, int], blocks: int, seed: int) -> dict[str, torch.Tensor]:
+def random_inputs(cfg, latent_hw: tuple[int, int], blocks: int, seed: int) -> tuple[torch.Tensor, BlockInputs]:
+    """Seeded stand-ins for the encoders' outputs: (text states, per-block noise and audio, the condition)."""
     g = torch.Generator().manual_seed(seed)
     h, w = latent_hw
-    frames = blocks * cfg.num_frames_per_block
-    ref = torch.randn(1, cfg.in_dim, 1, h, w, generator=g)
-    return {"ref": ref, "motion": ref.expand(-1, -1, cfg.motion_frames[1], -1, -1),
-            "context": torch.randn(1, 12, cfg.text_dim, generator=g),
-            "noise": torch.randn(1, cfg.in_dim, frames, h, w, generator=g),
-            "audio": torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, 4 * frames, generator=g)}
-
-
-def stream_latents(checkpoint: "str | Path", tp: TPGroup, blocks: int, latent_hw: tuple[int, int], seed: int = 0,
-                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> StreamReport:
-    loaded = load_rank(checkpoint, tp, dtype=dtype, device=device)
-    model, cfg = loaded.model, loaded.model.cfg
-    inp = random_inputs(cfg, latent_hw, blocks, seed)
-    session = StreamingSession(model, inp["context"], inp["ref"], inp["motion"], *flow_match_schedule(), seed=seed)
     fpb = cfg.num_frames_per_block
+    ref = torch.randn(1, cfg.in_dim, 1, h, w, generator=g)
+    motion = ref.expand(-1, -1, cfg.motion_frames[1], -1, -1)
+    context = torch.randn(1, 12, cfg.text_dim, generator=g)
+    noise = torch.randn(1, cfg.in_dim, blocks * fpb, h, w, generator=g)
+    audio = torch.randn(1, cfg.num_wav2vec_layers, cfg.audio_dim, 4 * blocks * fpb, generator=g)
+    return context, BlockInputs(lambda b: noise[:, :, b * fpb:(b + 1) * fpb],
+                                lambda b: audio[..., 4 * b * fpb:4 * (b + 1) * fpb], rolled_condition(ref, motion))
+
+
+def stream_latents(checkpoint: "str | Path", group: "TPGroup | PipeGroup", blocks: int, latent_hw: tuple[int, int],
+                   seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                   steps: int = 4) -> StreamReport:
+    """Stream `blocks` blocks (the sink rolls after the first clip) on this rank of a TP or pipeline layout."""
+    pipe = isinstance(group, PipeGroup)
+    tp = group.tp if pipe else group
+    stage = (group.layers, group.first, group.last) if pipe else None
+    loaded = load_rank(checkpoint, tp, dtype=dtype, device=device, stage=stage)
+    model, cfg = loaded.model, loaded.model.cfg
+    context, inputs = random_inputs(cfg, latent_hw, blocks, seed)
     out, times = [], []
-    for b in range(blocks):
-        t = time.perf_counter()
-        out.append(session.denoise_block(inp["noise"][:, :, b * fpb:(b + 1) * fpb],
-                                         inp["audio"][..., 4 * b * fpb:4 * (b + 1) * fpb]).cpu())
-        times.append(time.perf_counter() - t)
-    return StreamReport(tp.rank, torch.cat(out, dim=2), times, loaded.bytes_read, loaded.param_bytes,
-                        session.cache_bytes())
+    t_last = [time.perf_counter()]
+
+    def on_block(b: int, latents: torch.Tensor) -> None:
+        out.append(latents.cpu())
+        now = time.perf_counter()
+        times.append(now - t_last[0])
+        t_last[0] = now
+
+    timesteps, sigmas = flow_match_schedule(steps)
+    if not pipe:
+        session = StreamingSession(model, context, *inputs.condition(0, None), timesteps, sigmas, seed=seed)
+        stream_sequential(session, blocks, inputs, on_block)
+        return StreamReport(tp.rank, torch.cat(out, dim=2), times, loaded.bytes_read, loaded.param_bytes,
+                            session.cache_bytes(), bytes_sent=_sent(tp))
+    runner = PipelineStage(model, group, latent_hw, timesteps, sigmas, seed)
+    items = schedule_for(cfg, blocks, steps, group.stages, roll_sink=True)
+    ctx = runner.share_context(context if group.first else None)
+    dist.barrier()
+    runner.run(items, ctx, inputs if group.first else None, on_block, t0=time.perf_counter())
+    return StreamReport(group.rank, torch.cat(out, dim=2) if out else None, times, loaded.bytes_read,
+                        loaded.param_bytes, runner.cache_bytes(), [dataclasses.astuple(e) for e in runner.trace],
+                        _sent(tp))
+
+
+def _sent(tp: TPGroup) -> dict:
+    counter = getattr(tp, "counter", None)
+    return dict(counter.totals()) if counter is not None else {}
 
 
 def _rank_main(rank: int, args: argparse.Namespace) -> dict:
     from ..hub import resolve_checkpoint
 
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # ORG/NAME[@REV]: from the Hub cache
-    tp = init_tp(args.tp, device=args.device, timeout_s=args.timeout, exact_int8_reduce=not args.bf16_reduce)
+    h, w = (int(v) for v in args.size.split("*"))
+    latent_hw = (h // 8, w // 8)
+    if args.pp > 1:
+        cfg = _config(args.checkpoint)
+        group = init_pipeline(args.pp, args.tp, stage_layers(cfg, args.pp, latent_hw), args.device, args.timeout,
+                              exact_int8_reduce=not args.bf16_reduce)
+    else:
+        group = init_tp(args.tp, device=args.device, timeout_s=args.timeout, exact_int8_reduce=not args.bf16_reduce)
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    h, w = (int(v) for v in args.size.split("*"))
-    rep = stream_latents(args.checkpoint, tp, args.blocks, (h // 8, w // 8), args.seed, device, dtype)
-    return {"rank": rep.rank, "seconds_per_block": rep.seconds_per_block, "bytes_read": rep.bytes_read,
-            "held_bytes": rep.held_bytes, "cache_bytes": rep.cache_bytes,
-            "latents_abs_sum": float(rep.latents.double().abs().sum())}
+    rep = stream_latents(args.checkpoint, group, args.blocks, latent_hw, args.seed, device, dtype)
+    out = {"rank": rep.rank, "seconds_per_block": rep.seconds_per_block, "bytes_read": rep.bytes_read,
+           "held_bytes": rep.held_bytes, "cache_bytes": rep.cache_bytes}
+    if rep.latents is not None:
+        out["latents_abs_sum"] = float(rep.latents.double().abs().sum())
+    if args.pp > 1 and args.trace:
+        traces = [None] * dist.get_world_size()
+        dist.gather_object(rep.trace, traces if rep.rank == 0 else None, dst=0)
+        if rep.rank == 0:
+            write_trace(args.trace, [e for t in traces for e in t], args.pp, args.tp, args.blocks)
+    return out
+
+
+def _config(checkpoint: str):
+    from ..checkpoint.load import find_dit_dir
+    from ..checkpoint.reader import CheckpointReader
+    from ..model import from_wan_config
+
+    return from_wan_config(CheckpointReader(find_dit_dir(checkpoint)).config)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (per pipeline stage)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (layer ranges of the DiT); world = pp * tp")
+    ap.add_argument("--trace", default=None, help="pipeline: write every stage's work items to this JSON file")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--size", default="128*64", help="pixel H*W")
     ap.add_argument("--seed", type=int, default=0)
@@ -94,8 +153,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         reports = [_rank_main(int(os.environ["RANK"]), args)]
-    elif args.tp > 1:
-        reports = spawn_ranks(_rank_main, args.tp, args=(args,), timeout_s=args.timeout)
+    elif args.tp * args.pp > 1:
+        reports = spawn_ranks(_rank_main, args.tp * args.pp, args=(args,), timeout_s=args.timeout)
     else:
         reports = [_rank_main(0, args)]
     for r in reports:
