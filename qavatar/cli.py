@@ -199,6 +199,8 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           precision: Optional[str] = typer.Option(None, help="bf16, int8 or fp8 (default: the checkpoint's own; "
                                                              "a bf16 checkpoint is quantized while loading)."),
           tp: int = typer.Option(1, help="Tensor-parallel degree (ranks are started for you, or use torchrun)."),
+          pp: int = typer.Option(1, help="Pipeline stages: the DiT's layers split over PP ranks (x TP each), "
+                                         "blocks streamed through them in timestep-forcing order."),
           size: Optional[str] = typer.Option(None, help="Output area as H*W, e.g. 704*384; the aspect ratio "
                                                         "follows the image, sides are multiples of 64."),
           num_clip: Optional[int] = typer.Option(None, help="Clips of 48 frames (default: what the audio covers)."),
@@ -217,7 +219,7 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
 
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
-                       t5_precision=t5_precision)
+                       t5_precision=t5_precision, pp=pp)
     try:
         results = run_infer(req)
     except QavatarError as e:

@@ -31,6 +31,7 @@ from ..model.kv_cache import RollingKVCache, SinkCache
 from ..model.step_context import sampler_slot
 from ..model.streaming import BlockInputs
 from .group import TPGroup
+from .launch import RankError
 from .schedule import WorkItem, pipeline_schedule
 
 
@@ -102,24 +103,36 @@ class _Link:
         dst = self.group.peer(stage)
         for t in tensors:
             t = t.contiguous()
-            self.pending.append((dist.isend(t, dst), t))  # the tensor stays alive until the send completes
+            self.pending.append((dist.isend(t, dst), t, stage))  # the tensor stays alive until the send completes
             if self.group.counter is not None:
                 self.group.counter.add("p2p", t.numel() * t.element_size())
         while len(self.pending) > 64:
-            self.pending.popleft()[0].wait()
+            self._wait(*self.pending.popleft())
 
     def recv(self, specs: list[tuple[tuple[int, ...], torch.dtype]], stage: int) -> list[torch.Tensor]:
         src = self.group.peer(stage)
         out = []
         for shape, dtype in specs:
             t = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(t, src)
+            try:
+                dist.recv(t, src)
+            except (RuntimeError, dist.DistBackendError) as e:  # the group timeout, or the peer's socket closed
+                raise RankError(f"stage {self.group.stage} (rank {self.group.rank}): no message from stage {stage} "
+                                f"(rank {src}): it died or hangs ({str(e).splitlines()[0][:120]})") from None
             out.append(t)
         return out
 
     def flush(self) -> None:
         while self.pending:
-            self.pending.popleft()[0].wait()
+            self._wait(*self.pending.popleft())
+
+    def _wait(self, work, tensor: torch.Tensor, stage: int) -> None:
+        try:
+            work.wait()
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise RankError(f"stage {self.group.stage} (rank {self.group.rank}): a send to stage {stage} did not "
+                            f"complete: "
+                            f"it died or hangs ({str(e).splitlines()[0][:120]})") from None
 
 
 @dataclass

@@ -13,24 +13,24 @@ stages (parallel/pipeline.py) and stage 0 ends with the latents.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-
 import torch.distributed as dist
 
+from ..errors import QavatarError
 from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, stream_sequential
 from .group import TPGroup
 from .launch import init_tp, spawn_ranks
 from .load import load_rank
-from .pipeline import PipeGroup, PipelineStage, init_pipeline, schedule_for
+from .pipeline import PipeGroup, PipelineStage, check_layout, init_pipeline, schedule_for
 from .stages import stage_layers
 from .trace import write_trace
 
@@ -89,8 +89,7 @@ def stream_latents(checkpoint: "str | Path", group: "TPGroup | PipeGroup", block
     runner = PipelineStage(model, group, latent_hw, timesteps, sigmas, seed)
     items = schedule_for(cfg, blocks, steps, group.stages, roll_sink=True)
     ctx = runner.share_context(context if group.first else None)
-    dist.barrier()
-    runner.run(items, ctx, inputs if group.first else None, on_block, t0=time.perf_counter())
+    runner.run(items, ctx, inputs if group.first else None, on_block, t0=0.0)  # one clock for every rank of a host
     return StreamReport(group.rank, torch.cat(out, dim=2) if out else None, times, loaded.bytes_read,
                         loaded.param_bytes, runner.cache_bytes(), [dataclasses.astuple(e) for e in runner.trace],
                         _sent(tp))
@@ -128,6 +127,15 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
     return out
 
 
+def _validate(args: argparse.Namespace) -> None:
+    """The layout against the model, before any rank starts."""
+    if args.pp > 1:
+        from ..hub import resolve_checkpoint
+
+        cfg = _config(str(resolve_checkpoint(args.checkpoint)))
+        check_layout(args.pp, args.tp, cfg.num_layers, cfg.num_heads)
+
+
 def _config(checkpoint: str):
     from ..checkpoint.load import find_dit_dir
     from ..checkpoint.reader import CheckpointReader
@@ -151,6 +159,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "
                          "int32 reduction; not bit-identical to one GPU)")
     args = ap.parse_args(argv)
+    try:
+        _validate(args)
+    except QavatarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         reports = [_rank_main(int(os.environ["RANK"]), args)]
     elif args.tp * args.pp > 1:

@@ -45,7 +45,7 @@ class InferRequest:
     prompt: str
     out: str
     precision: Optional[str] = None  # bf16 | int8 | fp8; default: the checkpoint's own
-    tp: int = 1
+    tp: int = 1  # tensor-parallel ranks (per pipeline stage)
     size: Optional[str] = None  # an area as H*W; default: the config's default size
     num_clip: Optional[int] = None
     sample_steps: int = 4
@@ -56,6 +56,7 @@ class InferRequest:
     prompt_cache: bool = True
     timeout_s: float = 600.0
     t5_precision: str = "bf16"  # the umT5 encoder on the CPU: bf16 or int8 (weight-only)
+    pp: int = 1  # pipeline stages (layer ranges of the DiT); pp * tp ranks in all
 
 
 @dataclass
@@ -72,6 +73,14 @@ class Prepared:
     audio_seconds: float
     runtime_quant: Optional[str]  # precision to quantize a bf16 checkpoint to while loading
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def pp(self) -> int:
+        return self.request.pp
+
+    @property
+    def world(self) -> int:
+        return self.request.pp * self.request.tp
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -133,12 +142,15 @@ def prepare(req: InferRequest) -> Prepared:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA GPU is visible")
-        if req.tp > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
-            raise ConfigError(f"--tp {req.tp} but only {torch.cuda.device_count()} GPU(s) are visible "
-                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use "
-                              f"--tp {torch.cuda.device_count()} or fewer, or multi-node torchrun")
+        if req.tp * req.pp > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+            raise ConfigError(f"--tp {req.tp} --pp {req.pp} needs {req.tp * req.pp} GPUs but only "
+                              f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES="
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use fewer ranks, or multi-node "
+                              f"torchrun")
     if req.tp < 1:
         raise ConfigError("--tp must be at least 1")
+    if req.pp < 1:
+        raise ConfigError("--pp must be at least 1")
     if req.sample_steps < 1:
         raise ConfigError("--sample-steps must be at least 1")
     from .text_encoder import T5_PRECISIONS
@@ -155,6 +167,8 @@ def prepare(req: InferRequest) -> Prepared:
     from ..checkpoint.reader import CheckpointReader
 
     cfg = from_wan_config(CheckpointReader(parts.dit).config, name=parts.dit.name)
+    if req.pp > cfg.num_layers:
+        raise ConfigError(f"--pp {req.pp}: the DiT has {cfg.num_layers} layers, so at most {cfg.num_layers} stages")
     if cfg.num_heads % req.tp:
         raise ConfigError(f"--tp {req.tp} does not divide the {cfg.num_heads} attention heads; use one of "
                           f"{[d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0 and d <= 8]}")
@@ -195,7 +209,6 @@ class RankResult:
     load_seconds: float = 0.0
     encode_seconds: float = 0.0
     clip_seconds: list[float] = field(default_factory=list)  # DiT + decode + write, per clip
-    dit_seconds: list[float] = field(default_factory=list)  # per clip
     bytes_read: int = 0
     held_bytes: int = 0
     cache_bytes: int = 0
@@ -223,40 +236,62 @@ class _Host:
         self.encode_seconds = time.perf_counter() - t
 
 
-def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> RankResult:
-    """One rank of the run (rank == its TP rank). Returns its timings; the host also writes the mp4."""
-    from ..model.streaming import StreamingSession, flow_match_schedule
+def _join(prep: Prepared):
+    """This rank's group: (TP group, pipeline group or None, whether it hosts the encoders/VAE/writer)."""
     from ..parallel.launch import init_tp
+    from ..parallel.pipeline import init_pipeline
+    from ..parallel.stages import stage_layers
+
+    req = prep.request
+    if prep.pp > 1:
+        pipe = init_pipeline(prep.pp, req.tp, stage_layers(prep.cfg, prep.pp, prep.latent_hw), prep.device,
+                             req.timeout_s)
+        return pipe.tp, pipe, pipe.host
+    tp = init_tp(req.tp, device=prep.device, timeout_s=req.timeout_s)
+    return tp, None, tp.rank == tp.size - 1
+
+
+def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> RankResult:
+    """One rank of the run. With --tp every rank denoises every block in lockstep; with --pp each stage runs its
+    layers of every call (parallel/pipeline.py). The host (the last TP rank of the first stage) also encodes,
+    decodes and writes. Returns this rank's timings."""
+    from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, \
+        stream_sequential
     from ..parallel.load import load_rank
+    from ..parallel.pipeline import PipelineStage, schedule_for
     from ..quant import QuantConfig
     from .progress import Progress
     from .vae import to_uint8_frames
     from .video_writer import Mp4Writer
 
     req, cfg = prep.request, prep.cfg
-    tp = init_tp(req.tp, device=prep.device, timeout_s=req.timeout_s)
-    host = tp.rank == tp.size - 1
+    tp, pipe, host = _join(prep)
     device = f"cuda:{torch.cuda.current_device()}" if prep.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if prep.device == "cuda" else torch.float32
-    res = RankResult(tp.rank, host)
+    res = RankResult(rank, host)
     t_start = time.perf_counter()
 
     side = _Host(prep, device, dtype) if host else None  # encoders first: a broken input fails before the DiT load
     t = time.perf_counter()
     loaded = load_rank(prep.parts.dit, tp, dtype=dtype, device=device,
-                       quantize=QuantConfig(prep.runtime_quant) if prep.runtime_quant else None)
+                       quantize=QuantConfig(prep.runtime_quant) if prep.runtime_quant else None,
+                       stage=(pipe.layers, pipe.first, pipe.last) if pipe else None)
     res.load_seconds, res.bytes_read, res.held_bytes = time.perf_counter() - t, loaded.bytes_read, loaded.param_bytes
     model = loaded.model
-    src = tp.size - 1
-    context = tp.broadcast(side.context if host else None, src, device).float()
-    ref = tp.broadcast(side.ref if host else None, src, device).float()
-    motion = tp.broadcast(side.motion if host else None, src, device).float()
-
     timesteps, sigmas = flow_match_schedule(req.sample_steps)
-    session = StreamingSession(model, context[None], ref, motion, timesteps, sigmas, seed=req.seed)
-    res.cache_bytes = session.cache_bytes()
-    fpb, per_clip = cfg.num_frames_per_block, cfg.clip_latent_frames // cfg.num_frames_per_block
-    h, w = prep.latent_hw
+    per_clip = cfg.clip_latent_frames // cfg.num_frames_per_block
+    src = tp.size - 1  # the host's rank in the (first stage's) TP group
+    feeds = pipe is None or pipe.first  # ranks that embed: they need the condition, the noise and the audio
+    inputs = context = None
+    if feeds:
+        context = tp.broadcast(side.context if host else None, src, device).float()[None]
+        ref = tp.broadcast(side.ref if host else None, src, device).float()
+        motion = tp.broadcast(side.motion if host else None, src, device).float()
+        inputs = BlockInputs(_per_clip(lambda r: _clip_noise(prep, r), per_clip),
+                             _per_clip(lambda r: tp.broadcast(side.audio.clip(r) if host else None, src, device),
+                                       per_clip, slice_audio=True, fpb=cfg.num_frames_per_block),
+                             rolled_condition(ref, motion))
+
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
     writer = decoder = None
     if host:
@@ -265,39 +300,41 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
         decoder.decode(motion[:, :, :VAE_WARMUP_LATENTS].cpu())  # warms the causal cache; frames discarded
         writer = Mp4Writer(req.out, cfg.sample_fps, prep.height, prep.width, audio=req.audio,
                            audio_offset_s=DROP_FRAMES / cfg.sample_fps)
+    clock = {"clip": time.perf_counter()}
+
+    def on_block(b: int, latents: torch.Tensor) -> None:
+        r = b // per_clip
+        if host:
+            frames = decoder.decode(latents.cpu())[0]  # [3, 4 * fpb, H, W]
+            if b == 0:
+                frames = frames[:, DROP_FRAMES:]
+            frames = to_uint8_frames(frames[:, :prep.frames - res.frames])
+            writer.write(frames)
+            if on_frames is not None:
+                on_frames(frames)
+            res.frames += frames.shape[0]
+            if pipe is not None:  # the sequential path reports every call as it happens
+                for step in range(req.sample_steps):
+                    progress.step(r, b % per_clip, step)
+            progress.wrote(frames.shape[0])
+        if b % per_clip == per_clip - 1 or b == prep.blocks - 1:
+            now = time.perf_counter()
+            res.clip_seconds.append(now - clock["clip"])
+            clock["clip"] = now
+
     try:
-        block = 0
-        for r in range(prep.clips):
-            t_clip = time.perf_counter()
-            dit_s = 0.0
-            audio = tp.broadcast(side.audio.clip(r) if host else None, src, device)
-            noise = torch.randn(1, cfg.in_dim, cfg.clip_latent_frames, h, w,
-                                generator=torch.Generator().manual_seed(req.seed + r))
-            new_ref = None
-            for b in range(per_clip):
-                if block >= prep.blocks:
-                    break
-                t = time.perf_counter()
-                lat = session.denoise_block(noise[:, :, b * fpb:(b + 1) * fpb], audio[..., 4 * b * fpb:4 * (b + 1) * fpb],
-                                            on_call=lambda info, r=r, b=b: progress.step(r, b, info.step))
-                dit_s += time.perf_counter() - t
-                if r == 0 and b == 0:
-                    new_ref = lat[:, :, :1]
-                if host:
-                    frames = decoder.decode(lat.cpu())[0]  # [3, 4 * fpb, H, W]
-                    if block == 0:
-                        frames = frames[:, DROP_FRAMES:]
-                    frames = to_uint8_frames(frames[:, :prep.frames - res.frames])
-                    writer.write(frames)
-                    if on_frames is not None:
-                        on_frames(frames)
-                    res.frames += frames.shape[0]
-                    progress.wrote(frames.shape[0])
-                block += 1
-            if r == 0 and prep.clips > 1:
-                session.roll_sink(new_ref, motion)  # the rolling sink: the first generated frame becomes the reference
-            res.clip_seconds.append(time.perf_counter() - t_clip)
-            res.dit_seconds.append(dit_s)
+        if pipe is None:
+            session = StreamingSession(model, context, *inputs.condition(0, None), timesteps, sigmas, seed=req.seed)
+            res.cache_bytes = session.cache_bytes()
+            stream_sequential(session, prep.blocks, inputs, on_block,
+                              on_call=lambda info: progress.step(info.block // per_clip, info.block % per_clip,
+                                                                 info.step) if host else None)
+        else:
+            stage = PipelineStage(model, pipe, prep.latent_hw, timesteps, sigmas, req.seed)
+            res.cache_bytes = stage.cache_bytes()
+            ctx = stage.share_context(context)
+            stage.run(schedule_for(cfg, prep.blocks, req.sample_steps, prep.pp, roll_sink=True), ctx, inputs,
+                      on_block if pipe.first else None)
         if host:
             res.out = str(writer.close())
     except BaseException:
@@ -312,6 +349,31 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     return res
 
 
+def _clip_noise(prep: Prepared, r: int) -> torch.Tensor:
+    """Clip r's noise [1, C, clip_latent_frames, h, w], drawn from seed + r."""
+    h, w = prep.latent_hw
+    return torch.randn(1, prep.cfg.in_dim, prep.cfg.clip_latent_frames, h, w,
+                       generator=torch.Generator().manual_seed(prep.request.seed + r))
+
+
+def _per_clip(draw: Callable[[int], torch.Tensor], per_clip: int, slice_audio: bool = False,
+              fpb: int = 0) -> Callable[[int], torch.Tensor]:
+    """A per-block view of a per-clip tensor, drawn (or received) once when the clip's first block asks."""
+    held: dict[int, torch.Tensor] = {}
+
+    def block(b: int) -> torch.Tensor:
+        r, i = divmod(b, per_clip)
+        if r not in held:
+            held.clear()  # the previous clip's tensor is no longer needed
+            held[r] = draw(r)
+        x = held[r]
+        if slice_audio:
+            return x[..., 4 * i * fpb:4 * (i + 1) * fpb]
+        f = x.shape[2] // per_clip
+        return x[:, :, i * f:(i + 1) * f]
+    return block
+
+
 def infer(req: InferRequest, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> list[RankResult]:
     """Run a whole inference; returns every rank's result (the host's last)."""
     from ..parallel.launch import spawn_ranks
@@ -321,6 +383,6 @@ def infer(req: InferRequest, on_frames: Optional[Callable[[torch.Tensor], None]]
         _say(n)
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         return [run_rank(int(os.environ["RANK"]), prep, on_frames)]
-    if req.tp == 1:
+    if prep.world == 1:
         return [run_rank(0, prep, on_frames)]
-    return spawn_ranks(run_rank, req.tp, args=(prep,), timeout_s=req.timeout_s)
+    return spawn_ranks(run_rank, prep.world, args=(prep,), timeout_s=req.timeout_s)

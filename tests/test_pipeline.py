@@ -1,0 +1,221 @@
+"""Pipeline parallelism on CPU with gloo: the timestep-forcing schedule keeps its dependencies and its stages
+busy, the pipelined latents equal the sequential ones bit for bit (every scheme, pure and hybrid layouts, over
+two clip boundaries and a KV-window wrap), traces come from real runs, and failures end every rank."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+from qavatar.errors import ConfigError
+from qavatar.parallel.launch import RankError, free_port, spawn_ranks
+from qavatar.parallel.schedule import PREFILL, occupancy, pipeline_schedule
+from qavatar.parallel.stages import balance, stage_holds, stage_layers
+from qavatar.quant import QuantConfig
+from qavatar.quant.convert import quantize_checkpoint
+
+BLOCKS = 9  # clips 0, 1 and 2: two clip boundaries (the sink rolls at the first); the 12-frame window wraps at 4
+LATENT_HW = (16, 8)
+
+
+# ------------------------------------------------------------------------------------------ the schedule
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("blocks,steps,per_clip", [(9, 4, 4), (13, 4, 4), (7, 3, 2), (5, 1, 4), (3, 4, 4)])
+def test_schedule_keeps_the_dependencies(stages, blocks, steps, per_clip):
+    items = pipeline_schedule(blocks, steps, stages, per_clip, roll_sink=True)
+    calls = [(i.block, i.step) for i in items if not i.prefill]
+    assert sorted(calls) == [(b, s) for b in range(blocks) for s in range(steps)]  # each call exactly once
+    slot = {(i.block, i.step): i.slot for i in items}
+    order = {(i.block, i.step): n for n, i in enumerate(items)}
+    assert len({i.slot for i in items}) == len(items)  # one item enters per slot
+    assert [i.slot for i in items] == sorted(i.slot for i in items)
+    for b, s in calls:
+        if s:
+            assert slot[(b, s)] >= slot[(b, s - 1)] + stages  # the previous step has left the last stage
+        if b:
+            assert order[(b - 1, s)] < order[(b, s)]  # the previous block wrote its rows of cache s first
+    assert items[0].prefill and items[0].block == 0
+    rolls = [i for i in items if i.prefill and i.block == 1]
+    if blocks > per_clip:
+        (roll,) = rolls
+        n = order[(1, PREFILL)]
+        assert all(order[(b, s)] < n for b, s in calls if b < per_clip)  # clip 0 reads the old sink everywhere
+        assert all(order[(b, s)] > n for b, s in calls if b >= per_clip)
+        assert roll.slot >= slot[(0, steps - 1)] + stages  # block 0 is finished: its first frame is the new reference
+    else:
+        assert not rolls
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4])
+def test_steady_state_occupancy_over_8_clips(stages):
+    occ = occupancy(pipeline_schedule(32, 4, stages, 4, roll_sink=True), stages)
+    assert occ.steady >= 0.9
+    assert occ.items == 32 * 4 + 2
+
+
+def test_stage_balance_is_exact_and_contiguous(toy_ckpt):
+    assert balance([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert balance([5, 1, 1, 1, 1, 1], 2) == [(0, 1), (1, 6)]
+    assert balance([1, 1, 1, 1], 2, first_extra=3) == [(0, 1), (1, 4)]
+    with pytest.raises(ConfigError, match="between 1 and 4 stages"):
+        balance([1, 1, 1, 1], 5)
+    from qavatar.model import build_model
+
+    with torch.device("meta"):
+        model = build_model("liveavatar-14b")
+    cfg = model.cfg
+    ranges = stage_layers(cfg, 4, (88, 48))
+    assert ranges[0][0] == 0 and ranges[-1][1] == 40 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    # every key of the model belongs to exactly the stages that need it: blocks once, embeddings first, head last
+    for key in model.state_dict():
+        holders = [s for s, (a, b) in enumerate(ranges) if stage_holds(cfg, key, range(a, b), s == 0, s == 3)]
+        if key.startswith(("blocks.", "audio_injector.")):
+            assert len(holders) == 1, key
+        elif key.startswith("head."):
+            assert holders == [3]
+        else:
+            assert holders == [0], key
+
+
+# ------------------------------------------------------------------------------------------ exactness
+@pytest.fixture(scope="module")
+def checkpoints(toy_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    out = {"bf16": str(toy_ckpt)}
+    for name, qc in {"int8": QuantConfig("int8"), "fp8": QuantConfig("fp8"), "fp8-wo": QuantConfig("fp8-wo"),
+                     "int8-static-smooth": QuantConfig("int8", activations="static", per_timestep=True,
+                                                        smooth_alpha=0.5)}.items():
+        out[name] = str(quantize_checkpoint(toy_ckpt, root / name, qc, max_pairs=2, log=lambda s: None).out)
+    return out
+
+
+def _stream_job(rank: int, pp: int, tp: int, ckpts: dict) -> dict:
+    from qavatar.parallel.launch import init_tp
+    from qavatar.parallel.pipeline import init_pipeline
+    from qavatar.parallel.stream import _config, stream_latents
+
+    torch.set_num_threads(1)  # every layout computes with one thread per rank: GEMM results do not depend on it
+    if pp > 1:
+        group = init_pipeline(pp, tp, stage_layers(_config(ckpts["bf16"]), pp, LATENT_HW), timeout_s=60)
+    else:
+        group = init_tp(tp, timeout_s=60)
+    out = {}
+    for name, path in ckpts.items():
+        rep = stream_latents(path, group, BLOCKS, LATENT_HW, seed=5)
+        out[name] = {"latents": rep.latents, "held": rep.held_bytes, "cache": rep.cache_bytes, "trace": rep.trace}
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoints):
+    threads = torch.get_num_threads()
+    try:
+        out = {(1, 1): [_stream_job(0, 1, 1, checkpoints)]}
+    finally:
+        torch.set_num_threads(threads)
+    for pp, tp in [(2, 1), (3, 1), (4, 1), (1, 2), (2, 2)]:
+        out[(pp, tp)] = spawn_ranks(_stream_job, pp * tp, args=(pp, tp, checkpoints), timeout_s=300)
+    return out
+
+
+SCHEMES = ["bf16", "int8", "fp8", "fp8-wo", "int8-static-smooth"]
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_pure_pipeline_latents_equal_the_sequential_run(runs, name, pp):
+    want = runs[(1, 1)][0][name]["latents"]
+    got = runs[(pp, 1)][0][name]["latents"]  # stage 0 ends with the latents
+    assert got.shape == (1, 16, 3 * BLOCKS, *LATENT_HW)
+    assert torch.equal(got, want), f"max |diff| {float((got - want).abs().max())}"
+    assert all(r[name]["latents"] is None for r in runs[(pp, 1)][1:])  # later stages never hold latents
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_hybrid_pipeline_equals_its_tensor_parallel_degree(runs, name):
+    """PP=2 x TP=2 is bit-identical to TP=2 (same sums in the same order); with exact int8 reduction TP=2 is
+    bit-identical to one rank, so the hybrid is too."""
+    want = runs[(1, 2)][0][name]["latents"]
+    for rank in (0, 1):  # both TP ranks of the first stage
+        got = runs[(2, 2)][rank][name]["latents"]
+        assert torch.equal(got, want), f"rank {rank}: max |diff| {float((got - want).abs().max())}"
+    if name in ("int8", "int8-static-smooth"):
+        assert torch.equal(runs[(2, 2)][0][name]["latents"], runs[(1, 1)][0][name]["latents"])
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_each_stage_holds_only_its_layers(runs, pp):
+    """Weights and caches split over the stages: their sum is the whole model's (embeddings and head once)."""
+    one = runs[(1, 1)][0]["int8"]
+    stages = [r["int8"] for r in runs[(pp, 1)]]
+    assert sum(s["held"] for s in stages) == one["held"]
+    assert sum(s["cache"] for s in stages) == one["cache"]
+    assert max(s["held"] for s in stages[1:]) < 0.5 * one["held"]  # (the toy's embeddings outweigh its blocks)
+
+
+def test_every_stage_runs_the_items_in_the_schedule_order(runs):
+    from qavatar.parallel.trace import summarize
+
+    events = [e for r in runs[(4, 1)] for e in r["bf16"]["trace"]]
+    s = summarize(events, 4)
+    assert s["same_order_on_every_stage"]
+    assert s["items"] == BLOCKS * 4 + 2  # every call and both sink prefills
+
+
+# ------------------------------------------------------------------------------------------ the entry point
+def _stream_cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "qavatar.parallel.stream", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def test_stream_trace_over_8_clips(toy_ckpt, tmp_path):
+    trace = tmp_path / "trace.json"
+    r = _stream_cli("--checkpoint", str(toy_ckpt), "--pp", "4", "--blocks", "32", "--trace", str(trace))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(trace.read_text())
+    assert len(doc["events"]) == 4 * (32 * 4 + 2)
+    s = doc["summary"]
+    assert s["same_order_on_every_stage"] and s["steady_occupancy"] >= 0.9
+    assert "stage 3" in doc["timeline"]
+    reports = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["rank"] for x in reports] == [0, 1, 2, 3]
+    assert "latents_abs_sum" in reports[0] and "latents_abs_sum" not in reports[1]
+
+
+# ------------------------------------------------------------------------------------------ failures
+def _dying_stage(rank: int, ckpt: str, how: str) -> None:
+    from qavatar.parallel.pipeline import init_pipeline
+    from qavatar.parallel.stream import _config, stream_latents
+
+    torch.set_num_threads(1)
+    group = init_pipeline(2, 1, stage_layers(_config(ckpt), 2, LATENT_HW), timeout_s=5)
+    if rank == 1:
+        if how == "crash":
+            raise RuntimeError("stage 1 crashed")
+        time.sleep(60)  # hangs: stage 0 must give up on its own
+    stream_latents(ckpt, group, 2, LATENT_HW)
+
+
+@pytest.mark.parametrize("how,culprit", [("crash", "rank 1"), ("hang", "stage 1")])
+def test_a_dead_or_hung_stage_ends_every_rank_with_its_name(toy_ckpt, how, culprit):
+    t = time.monotonic()
+    with pytest.raises(RankError, match=culprit):
+        spawn_ranks(_dying_stage, 2, args=(str(toy_ckpt), how), timeout_s=30)
+    assert time.monotonic() - t < 50  # bounded by the group timeout, far below the hang
+
+
+def test_wrong_layouts_are_one_line_errors(toy_ckpt, monkeypatch):
+    from qavatar.parallel.pipeline import init_pipeline
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(RankError, match="--pp 2 --tp 2 but the launcher started 3 ranks"):
+        init_pipeline(2, 2, [(0, 2), (2, 4)])
+    r = _stream_cli("--checkpoint", str(toy_ckpt), "--pp", "5")  # the toy DiT has 4 layers
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "4 layers" in r.stderr
