@@ -369,3 +369,6 @@ def find_recipe(base: PlanRequest, max_gpus: int, goal: str) -> Optional[Plan]:
                     key = (gpus, qi, ki) if goal == "fewest-gpus" else (qi, ki, gpus)
                     options.append((key, plan))
     return min(options, key=lambda o: o[0])[1] if options else None
+
+
+from .comm import comm_bytes_per_block  # noqa: E402,F401  (the planner's byte predictor; parallel/comm.py)
