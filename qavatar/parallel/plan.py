@@ -166,12 +166,19 @@ def weight_bytes(req: PlanRequest, rank: int, tp: int, stage: int = 0,
     sharded and replicated parameters in the compute dtype. With layer stages (ranges), only the parameters
     of this rank's stage count (key_stage)."""
     stored_key = tuple(sorted(req.stored.items())) if req.stored else None
+    staged = tuple(ranges) if ranges is not None and len(ranges) > 1 else None
+    return dict(_weight_bytes(req.config, req.precision, req.compute_dtype, stored_key, rank, tp, stage, staged))
+
+
+@lru_cache(maxsize=1024)
+def _weight_bytes(cfg: ModelConfig, precision: str, compute_dtype: str, stored_key: Optional[tuple], rank: int,
+                  tp: int, stage: int, ranges: Optional[tuple]) -> tuple[tuple[str, int], ...]:
     group = TPGroup(rank, tp)
-    compute = _bytes(DTYPES[req.compute_dtype])
+    compute = _bytes(DTYPES[compute_dtype])
     out = {"weights_8bit_sharded": 0, "weights_8bit_replicated": 0, "scales_fp32": 0,
-           f"params_{req.compute_dtype}_sharded": 0, f"params_{req.compute_dtype}_replicated": 0}
-    for key, shape, tag in _full_tree(req.config, req.precision, stored_key):
-        if ranges is not None and len(ranges) > 1 and key_stage(req.config, key, ranges) != stage:
+           f"params_{compute_dtype}_sharded": 0, f"params_{compute_dtype}_replicated": 0}
+    for key, shape, tag in _full_tree(cfg, precision, stored_key):
+        if ranges is not None and key_stage(cfg, key, list(ranges)) != stage:
             continue
         numel = math.prod(shape)
         dim = shard_dim(key)
@@ -184,8 +191,8 @@ def weight_bytes(req: PlanRequest, rank: int, tp: int, stage: int = 0,
         elif tag == "scale":
             out["scales_fp32"] += numel * 4
         else:
-            out[f"params_{req.compute_dtype}_{where}"] += numel * compute
-    return out
+            out[f"params_{compute_dtype}_{where}"] += numel * compute
+    return tuple(out.items())
 
 
 # ------------------------------------------------------------------------------------------ activations

@@ -277,12 +277,18 @@ def layouts(req, gpu: GpuProfile) -> list[LayoutEstimate]:
     return out
 
 
+TIE = 0.01  # layouts within 1% of the fastest are as fast: the model is not that precise
+
+
 def recommended(options: list[LayoutEstimate]) -> Optional[int]:
-    """Index of the fastest layout that fits (ties: fewer GPUs, then the smaller peak); None if none fits."""
+    """Index of the fastest layout that fits; among those within TIE of it, the one with the fewest GPUs, then
+    the smallest peak. None if nothing fits."""
     fitting = [i for i, o in enumerate(options) if o.fits]
     if not fitting:
         return None
-    return min(fitting, key=lambda i: (options[i].block_seconds, options[i].gpus, options[i].peak_bytes_per_rank))
+    fastest = min(options[i].block_seconds for i in fitting)
+    near = [i for i in fitting if options[i].block_seconds <= fastest * (1 + TIE)]
+    return min(near, key=lambda i: (options[i].gpus, options[i].peak_bytes_per_rank, options[i].block_seconds))
 
 
 def format_layouts(req, gpu: GpuProfile, options: list[LayoutEstimate], best: Optional[int]) -> str:
