@@ -65,8 +65,8 @@ class GpuProfile:
         return self.bf16_tflops  # bf16, weight-only schemes (dequantized to bf16), fp8 without fp8 tensor cores
 
 
-_ADA = "NVIDIA Ada Lovelace GPU Architecture whitepaper v2.01 (2023), Appendix A, Table 2 (GeForce RTX 4090)"
-_GA102 = "NVIDIA Ampere GA102 GPU Architecture whitepaper v2.0 (2021), Appendix A, Table 9 (GeForce RTX 3090)"
+_ADA = "NVIDIA Ada Lovelace GPU Architecture whitepaper v2.01 (2023), Appendix A, GeForce RTX 4090 specifications"
+_GA102 = "NVIDIA Ampere GA102 GPU Architecture whitepaper v2.0 (2021), Appendix A, GeForce RTX 3090 specifications"
 _L40S = "NVIDIA L40S GPU datasheet (2023): tensor performance table, memory and interconnect rows"
 _A100 = "NVIDIA A100 Tensor Core GPU datasheet (2021, 80GB PCIe / 80GB SXM columns)"
 _H100 = "NVIDIA H100 Tensor Core GPU datasheet (2022-2023, H100 SXM / H100 PCIe columns)"
