@@ -129,28 +129,29 @@ def test_stream_flops_match_torch_flop_counter():
     from qavatar.model import build_model
     from qavatar.model.streaming import StreamingSession, flow_match_schedule
     from qavatar.parallel.flops import (audio_encoder_flops, block_flops, call_flops, call_shape, embed_flops,
-                                        head_flops, injector_flops)
+                                        head_flops, injector_flops, layer_attention_flops)
 
+    cfg = TINY.replace(clip_latent_frames=3)  # a one-block window: full (and wrapping) from the second block on
     torch.manual_seed(0)
-    model = build_model(TINY)
+    model = build_model(cfg)
     g = torch.Generator().manual_seed(0)
     lh, lw = SIZE[0] // 8, SIZE[1] // 8
-    s = StreamingSession(model, torch.randn(1, 9, TINY.text_dim, generator=g), torch.randn(1, 16, 1, lh, lw),
+    s = StreamingSession(model, torch.randn(1, 9, cfg.text_dim, generator=g), torch.randn(1, 16, 1, lh, lw),
                          torch.randn(1, 16, 19, lh, lw), *flow_match_schedule(), seed=0)
-    blocks = TINY.clip_latent_frames // TINY.num_frames_per_block
-    for _ in range(blocks):  # fill the rolling window
-        s.denoise_block(torch.randn(1, 16, 3, lh, lw), torch.randn(1, 25, TINY.audio_dim, 12))
+    s.denoise_block(torch.randn(1, 16, 3, lh, lw), torch.randn(1, 25, cfg.audio_dim, 12))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        s.denoise_block(torch.randn(1, 16, 3, lh, lw), torch.randn(1, 25, TINY.audio_dim, 12))
+        s.denoise_block(torch.randn(1, 16, 3, lh, lw), torch.randn(1, 25, cfg.audio_dim, 12))
     by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    shape = call_shape(TINY, (lh, lw))
-    assert by_module["DiTBlock"] == 4 * TINY.num_layers * block_flops(TINY, shape)
-    assert by_module["AudioInjector"] == 4 * len(TINY.audio_inject_layers) * injector_flops(TINY, shape)
-    assert by_module["Head"] == 4 * head_flops(TINY, (lh, lw))
-    assert by_module["CausalAudioEncoder"] == audio_encoder_flops(TINY)
+    shape = call_shape(cfg, (lh, lw))
+    assert by_module["DiTBlock"] == 4 * cfg.num_layers * block_flops(cfg, shape)
+    assert by_module["AudioInjector"] == 4 * len(cfg.audio_inject_layers) * injector_flops(cfg, shape)
+    assert by_module["Head"] == 4 * head_flops(cfg, (lh, lw))
+    assert by_module["CausalAudioEncoder"] == audio_encoder_flops(cfg)
     assert by_module["Global"] - by_module["DiTBlock"] - by_module["AudioInjector"] - by_module["Head"] \
-        - by_module["CausalAudioEncoder"] == 4 * embed_flops(TINY, (lh, lw))  # patch conv and time MLPs
-    assert counter.get_total_flops() == 4 * call_flops(TINY, (lh, lw)) + audio_encoder_flops(TINY)
+        - by_module["CausalAudioEncoder"] == 4 * embed_flops(cfg, (lh, lw))  # patch conv and time MLPs
+    assert counter.get_total_flops() == 4 * call_flops(cfg, (lh, lw)) + audio_encoder_flops(cfg)
+    assert sum(layer_attention_flops(cfg, (lh, lw))) * 4 == sum(  # the attention products are the bmm's
+        v.get(torch.ops.aten.bmm, 0) for k, v in counter.get_flop_counts().items() if k == "Global")
 
 
 def test_vae_decode_flops_match_torch_flop_counter():
@@ -289,3 +290,20 @@ def test_choose_layout():
         choose_layout(PlanRequest(B14, gpus=1, vram=24 * GiB, precision="fp8"), "rtx4090")
     r = runner.invoke(app, ["plan", "--gpus", "4", "--gpu", "rtx9090"])
     assert r.exit_code == 2 and "unknown --gpu 'rtx9090'" in r.output
+
+
+def test_printed_layouts_table_and_pp_errors():
+    r = runner.invoke(app, ["plan", "--gpus", "4", "--precision", "fp8", "--gpu", "rtx4090"])
+    assert r.exit_code == 0, r.output
+    text = r.output.split("speed model:")[1]
+    rows = [line for line in text.splitlines() if "TP=" in line or "PP=" in line]
+    assert len(rows) == 11  # every layout of up to 4 GPUs, one row each
+    marked = [line for line in text.splitlines() if line.startswith("* ")]
+    assert len(marked) == 2 and marked[0].split()[1] == "PP=4" and "fastest that fits: tp=1 pp=4" in marked[1]
+    r = runner.invoke(app, ["plan", "--gpus", "4", "--pp", "3"])
+    assert r.exit_code == 2 and "--pp 3 must divide the 4 DiT GPUs" in r.output
+    r = runner.invoke(app, ["plan", "--gpus", "5", "--pp", "2", "--vae-rank", "--precision", "fp8", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["tp"] == 2 and len(out["ranks"]) == 5 and out["ranks"][4]["breakdown"]["vae"] > 0
+    assert out["ranks"][4]["breakdown"]["kv_rolling"] == 0 and out["ranks"][3]["breakdown"]["vae"] == 0
