@@ -13,19 +13,21 @@ from typer.testing import CliRunner
 from qavatar.cli import app
 
 BOXES = [("4x RTX 4090", "rtx4090", 4, "24GiB"), ("5x RTX 4090", "rtx4090", 5, "24GiB"),
-         ("8x RTX 4090", "rtx4090", 8, "24GiB"), ("4x L40S", "l40s", 4, "48GiB"), ("8x H100 SXM", "h100-sxm", 8, "80GiB")]
+         ("8x RTX 4090", "rtx4090", 8, "24GiB"), ("4x L40S", "l40s", 4, "48GiB"),
+         ("8x H100 SXM", "h100-sxm", 8, "80GiB")]
 
 
 def table(title: str, gpu: str, gpus: int, vram: str, precision: str, kv: str, size: str) -> str:
-    r = CliRunner().invoke(app, ["plan", "--gpus", str(gpus), "--vram", vram, "--precision", precision, "--size", size,
-                                 "--kv-dtype", kv, "--gpu", gpu, "--json"])
+    r = CliRunner().invoke(app, ["plan", "--gpus", str(gpus), "--vram", vram, "--precision", precision,
+                                 "--size", size, "--kv-dtype", kv, "--gpu", gpu, "--json"])
     out = json.loads(r.output)
     lines = [f"**{title}** ({vram} each, {precision}, KV {kv}, {size.replace('*', 'x')}; "
              f"`qavatar plan --gpus {gpus} --vram {vram} --precision {precision} --gpu {gpu}`)", "",
              "| layout | GPUs | VAE | fits | peak GiB / rank | MB sent / block (busiest rank) | s / block | fps | "
              "bottleneck |", "|---|---|---|---|---|---|---|---|---|"]
     for i, o in enumerate(out["layouts"]):
-        name = f"TP={o['tp']}" if o["pp"] == 1 else (f"PP={o['pp']}" if o["tp"] == 1 else f"PP={o['pp']} x TP={o['tp']}")
+        name = f"TP={o['tp']}" if o["pp"] == 1 else (
+            f"PP={o['pp']}" if o["tp"] == 1 else f"PP={o['pp']} x TP={o['tp']}")
         mark = "**" if i == out["recommended"] else ""
         vae = {"last": "last rank", "rank": "own rank", "cpu": "CPU"}[o["vae"]]
         lines.append(f"| {mark}{name}{mark} | {o['gpus']} | {vae} | {'yes' if o['fits'] else 'no'} | "
@@ -37,8 +39,8 @@ def table(title: str, gpu: str, gpus: int, vram: str, precision: str, kv: str, s
 def profile_table() -> str:
     from qavatar.parallel.speed import PROFILES
 
-    lines = ["| --gpu | GPU | bf16 TFLOPS | int8 TOPS | fp8 TFLOPS | memory GB/s | link GB/s per direction | memory GiB |"
-             " source |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| --gpu | GPU | bf16 TFLOPS | int8 TOPS | fp8 TFLOPS | memory GB/s | link GB/s per direction "
+             "| memory GiB | source |", "|---|---|---|---|---|---|---|---|---|"]
     for key, p in PROFILES.items():
         doc = p.sources["bf16_tflops"].split(":")[0]
         lines.append(f"| {key} | {p.name} | {p.bf16_tflops:g} | {p.int8_tops:g} | "
