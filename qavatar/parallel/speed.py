@@ -16,7 +16,8 @@ frames (vae_decode_flops at the bf16 rate), the first one runs the audio encoder
 timestep-forcing schedule keeps one item per block in flight and one block per sampler step, so the pipeline
 holds min(S, steps) items: with S <= steps it is full and a block takes the busiest stage's time; with S > steps
 only `steps` of the S stages work at once, and a block takes the sum of the stages' item times (a bubble of
-1 - steps/S). Clip boundaries (the rolling sink's re-prefill) are not in the steady state.
+1 - steps/S). Clip boundaries (the rolling sink's re-prefill) are not in the steady state. With --vae cpu the
+decode runs beside the GPUs and is not timed here.
 """
 from __future__ import annotations
 
