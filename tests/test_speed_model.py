@@ -66,6 +66,9 @@ def _count(rank: int, world: int, paths: dict) -> dict:
                                                                                      generator=g))
             per_block.append((counter.snapshot(), dict(counter.calls)))
         out[name] = per_block
+    counter = ByteCounter()  # broadcast: the source counts the header (10 int64) and the tensor, the others nothing
+    dataclasses.replace(base, counter=counter).broadcast(torch.ones(3, 5) if rank == 1 else None, src=1)
+    out["broadcast"] = counter.snapshot()
     return out
 
 
@@ -91,6 +94,10 @@ def test_tp2_counters_equal_the_plan(counted, case):
             reduces = 3 * TINY.num_layers + len(TINY.audio_inject_layers)
             assert calls == {"all_reduce": 4 * reduces * (1 + absmax),
                              "all_gather": 4 * (2 * TINY.num_layers + len(TINY.audio_inject_layers))}
+
+
+def test_broadcast_counts_on_the_source_only(counted):
+    assert counted[1]["broadcast"] == {"broadcast": 10 * 8 + 15 * 4} and counted[0]["broadcast"] == {}
 
 
 def test_counter_kinds_differ_as_the_schemes_say(counted):
