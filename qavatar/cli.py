@@ -144,8 +144,16 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
                                               "(sizing only)."),
          recipe: Optional[str] = typer.Option(None, help="Find the cheapest setup that fits, up to --gpus: "
                                                           "fewest-gpus | quality."),
+         pp: int = typer.Option(1, "--pp", help="Layer stages of the pipeline layout (each TP over gpus/pp ranks)."),
+         vae_rank: bool = typer.Option(False, "--vae-rank", help="The VAE decodes on a GPU of its own."),
+         bf16_reduce: bool = typer.Option(False, "--bf16-reduce", help="int8: all-reduce bf16 partials, not int32."),
+         gpu: Optional[str] = typer.Option(None, help="Speed model for every layout on this GPU: rtx4090 | rtx3090 | "
+                                                      "l40s | a100-pcie | a100-sxm | h100-pcie | h100-sxm | h200."),
+         link_gbps: Optional[float] = typer.Option(None, help="Override the GPU-to-GPU GB/s per direction."),
+         tflops: Optional[float] = typer.Option(None, help="Override the dense bf16 TFLOPS (8-bit rates scale)."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Will it fit? Per-rank peak memory of a streaming run, broken down, and a verdict."""
+    """Will it fit, and how fast? Per-rank peak memory broken down with a verdict; with --gpu, every layout's
+    predicted seconds per block, fps, bytes between ranks and bottleneck, the fastest that fits marked."""
     from .model import resolve_config
     from .parallel.plan import PlanRequest, find_recipe, format_plan, make_plan
     from .quant.convert import parse_size
@@ -167,7 +175,7 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
         h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
         req = PlanRequest(cfg, gpus=gpus, vram=parse_bytes(vram), precision=precision, size=(h, w),
                           kv_dtype=kv_dtype, t5=t5, vae=vae, wav2vec2=wav2vec2, replicated_dit=replicated,
-                          pipeline=pipeline)
+                          pipeline=pipeline, pp=pp, vae_rank=vae_rank, exact_int8_reduce=not bf16_reduce)
         if recipe:
             if recipe not in ("fewest-gpus", "quality"):
                 raise QavatarError("--recipe is fewest-gpus or quality")
@@ -176,15 +184,29 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
                 raise QavatarError(f"nothing fits in up to {gpus} x {vram} at {size}; try more GPUs or a smaller size")
         else:
             result = make_plan(req)
+        speed = None
+        if gpu or link_gbps is not None or tflops is not None:
+            from .parallel.speed import get_profile, layouts, recommended
+
+            profile = get_profile(gpu or "rtx4090", link_gbps, tflops)
+            options = layouts(req, profile)
+            speed = (profile, options, recommended(options))
     except (QavatarError, ValueError) as e:
         _fail(e)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        out = result.to_json()
+        if speed:
+            out.update(gpu=speed[0].name, layouts=[o.to_json() for o in speed[1]], recommended=speed[2])
+        typer.echo(json.dumps(out, indent=2))
     else:
         if recipe:
             typer.echo(f"cheapest recipe ({recipe}): --gpus {result.request.gpus} --precision "
                        f"{result.request.precision} --kv-dtype {result.request.kv_dtype}")
         typer.echo(format_plan(result))
+        if speed:
+            from .parallel.speed import format_layouts
+
+            typer.echo(format_layouts(req, *speed))
     if not result.fits:
         raise typer.Exit(1)
 

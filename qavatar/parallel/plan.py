@@ -53,6 +53,9 @@ class PlanRequest:
     attention: str = "flash"  # flash (GPU kernels, no score matrix) | math (scores materialised)
     replicated_dit: bool = False  # the reference layout (TPP): a whole DiT per GPU, one sampler step each
     pipeline: int = 1  # sampler-step pipeline stages, each a TP group of gpus/pipeline ranks (sizing only)
+    pp: int = 1  # layer stages of the pipeline layout (stages.py), each a TP group of (gpus - vae_rank) / pp ranks
+    vae_rank: bool = False  # the VAE decodes on a rank of its own (the reference's 5th GPU), not the last DiT rank
+    exact_int8_reduce: bool = True  # int8 W8A8 row-parallel layers all-reduce int32 (False: --bf16-reduce)
     stored: Optional[dict[str, tuple[int, ...]]] = None  # checkpoint key shapes, for the exact quantized tree
 
     def __post_init__(self) -> None:
@@ -140,15 +143,43 @@ def _full_tree(cfg: ModelConfig, precision: str, stored_key: Optional[tuple]) ->
     return tuple(out)
 
 
-def weight_bytes(req: PlanRequest, rank: int, tp: int) -> dict[str, int]:
+def key_stage(cfg: ModelConfig, key: str, ranges: list[tuple[int, int]]) -> int:
+    """The layer stage holding a parameter: its DiT layer's (an audio injector goes with the layer it follows),
+    the head on the last stage, every embedding and encoder (patch, cond, text, time, audio, FramePack) on the
+    first."""
+    parts = key.split(".")
+    layer = None
+    if parts[0] == "blocks":
+        layer = int(parts[1])
+    elif parts[0] == "audio_injector":
+        layer = sorted(cfg.audio_inject_layers)[int(parts[2])]
+    elif parts[0] == "head":
+        return len(ranges) - 1
+    if layer is None:
+        return 0
+    return next(i for i, (a, b) in enumerate(ranges) if a <= layer < b)
+
+
+def weight_bytes(req: PlanRequest, rank: int, tp: int, stage: int = 0,
+                 ranges: Optional[list[tuple[int, int]]] = None) -> dict[str, int]:
     """Bytes this rank holds, by kind: sharded 8-bit weights, replicated 8-bit weights, fp32 scales,
-    sharded and replicated parameters in the compute dtype."""
+    sharded and replicated parameters in the compute dtype. With layer stages (ranges), only the parameters
+    of this rank's stage count (key_stage)."""
     stored_key = tuple(sorted(req.stored.items())) if req.stored else None
+    staged = tuple(ranges) if ranges is not None and len(ranges) > 1 else None
+    return dict(_weight_bytes(req.config, req.precision, req.compute_dtype, stored_key, rank, tp, stage, staged))
+
+
+@lru_cache(maxsize=1024)
+def _weight_bytes(cfg: ModelConfig, precision: str, compute_dtype: str, stored_key: Optional[tuple], rank: int,
+                  tp: int, stage: int, ranges: Optional[tuple]) -> tuple[tuple[str, int], ...]:
     group = TPGroup(rank, tp)
-    compute = _bytes(DTYPES[req.compute_dtype])
+    compute = _bytes(DTYPES[compute_dtype])
     out = {"weights_8bit_sharded": 0, "weights_8bit_replicated": 0, "scales_fp32": 0,
-           f"params_{req.compute_dtype}_sharded": 0, f"params_{req.compute_dtype}_replicated": 0}
-    for key, shape, tag in _full_tree(req.config, req.precision, stored_key):
+           f"params_{compute_dtype}_sharded": 0, f"params_{compute_dtype}_replicated": 0}
+    for key, shape, tag in _full_tree(cfg, precision, stored_key):
+        if ranges is not None and key_stage(cfg, key, list(ranges)) != stage:
+            continue
         numel = math.prod(shape)
         dim = shard_dim(key)
         if dim is not None and tp > 1:
@@ -160,8 +191,8 @@ def weight_bytes(req: PlanRequest, rank: int, tp: int) -> dict[str, int]:
         elif tag == "scale":
             out["scales_fp32"] += numel * 4
         else:
-            out[f"params_{req.compute_dtype}_{where}"] += numel * compute
-    return out
+            out[f"params_{compute_dtype}_{where}"] += numel * compute
+    return tuple(out.items())
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -253,10 +284,12 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
 
 
 def kv_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], kv_dtype: torch.dtype,
-             steps: int) -> tuple[int, int]:
-    """(rolling caches, sink) bytes on one rank: one rolling window per sampler step, one shared sink."""
+             steps: int, layers: Optional[int] = None) -> tuple[int, int]:
+    """(rolling caches, sink) bytes on one rank: one rolling window per sampler step, one shared sink, for
+    `layers` layers (all of them by default; a layer stage holds its own layers' rows of every cache)."""
     fs, lc, _ = token_counts(cfg, size)
-    per_token = 2 * tp.shard(cfg.num_heads, "num_heads") * cfg.head_dim * _bytes(kv_dtype) * cfg.num_layers
+    layers = cfg.num_layers if layers is None else layers
+    per_token = 2 * tp.shard(cfg.num_heads, "num_heads") * cfg.head_dim * _bytes(kv_dtype) * layers
     return steps * cfg.clip_latent_frames * fs * per_token, lc * per_token
 
 
@@ -276,6 +309,15 @@ def layout(req: PlanRequest) -> tuple[int, int]:
     """(pipeline stages, TP degree per stage). The reference layout is one replica per sampler step."""
     if req.replicated_dit:
         return min(req.gpus, req.steps), 1
+    if req.pp > 1 or req.vae_rank:
+        if req.pipeline != 1:
+            raise ConfigError("--pp (layer stages) and --pipeline (sampler-step stages) are different layouts; "
+                              "give one of them")
+        dit = req.gpus - int(req.vae_rank)
+        if req.pp < 1 or dit < req.pp or dit % req.pp:
+            raise ConfigError(f"--pp {req.pp} must divide the {dit} DiT GPUs (--gpus {req.gpus}"
+                              f"{' less the VAE rank' if req.vae_rank else ''})")
+        return 1, dit // req.pp
     if req.pipeline < 1 or req.gpus % req.pipeline:
         raise ConfigError(f"--pipeline {req.pipeline} must divide --gpus {req.gpus}")
     if req.pipeline > req.steps:
@@ -294,8 +336,16 @@ def make_plan(req: PlanRequest) -> Plan:
     ranks = []
     act_detail: dict[str, int] = {}
     dit_ranks = stages * tp  # GPUs beyond the DiT's only decode (the 5th GPU of the reference's layout)
+    if req.pp > 1 or req.vae_rank:
+        dit_ranks = req.pp * tp
+        from .stages import stage_layers
+
+        ranges = stage_layers(cfg, req.pp, (req.size[0] // 8, req.size[1] // 8))
+    else:
+        ranges = [(0, cfg.num_layers)]
     for rank in range(req.gpus):
         group = TPGroup(rank % tp, tp)
+        stage = min(rank // tp, len(ranges) - 1)
         first, last = rank == 0, rank == req.gpus - 1
         if rank >= dit_ranks:
             b = {k: 0 for k in ranks[0].breakdown}
@@ -303,14 +353,20 @@ def make_plan(req: PlanRequest) -> Plan:
             b["reserve"] = RESERVE_BYTES
             ranks.append(RankPlan(rank, b))
             continue
-        b = weight_bytes(req, group.rank, tp)
-        rolling, sink = kv_bytes(cfg, group, req.size, kv, math.ceil(req.steps / stages))  # its steps' caches
+        b = weight_bytes(req, group.rank, tp, stage, ranges)
+        layers = ranges[stage][1] - ranges[stage][0]
+        # its steps' caches (sampler-step stages), its layers' rows of every step's cache (layer stages)
+        rolling, sink = kv_bytes(cfg, group, req.size, kv, math.ceil(req.steps / stages), layers)
         b["kv_rolling"] = rolling
         b["kv_sink"] = sink
         act = activation_bytes(cfg, group, req.size, compute, kv, req.precision, req.attention)
         act_detail = act
         b["activations"] = act["peak"]
         b["session_tensors"] = session_bytes(cfg, compute)
+        if len(ranges) > 1:  # the stage hand-off: one item arriving while the previous one is sent on
+            from .comm import handoff_bytes
+
+            b["pipeline_buffers"] = 2 * handoff_bytes(cfg, (req.size[0] // 8, req.size[1] // 8), compute)
         b["t5"] = ENCODERS["t5"] * c if (req.t5 == "gpu" and first) else 0
         b["wav2vec2"] = ENCODERS["wav2vec2"] * c if (req.wav2vec2 == "gpu" and first) else 0
         b["vae"] = (ENCODERS["vae_decoder"] * c + vae_decode_bytes(req.size, compute)) \
@@ -330,6 +386,10 @@ def format_plan(plan: Plan) -> str:
     where = ("full DiT replica per GPU, one sampler step each (the reference's layout)" if req.replicated_dit
              else f"tensor parallel x{plan.tp}" + (f" in each of {stages} sampler-step pipeline stages (sizing only:"
                                                    f" qavatar runs one stage today)" if stages > 1 else ""))
+    if req.pp > 1:
+        where = f"{req.pp} layer stages x tensor parallel x{plan.tp}"
+    if req.vae_rank:
+        where += "; VAE on its own rank"
     lines = [f"{req.config.name}: {plan.params:,} parameters; {req.precision} weights, KV cache {req.kv_dtype}, "
              f"compute {req.compute_dtype}",
              f"{req.gpus} GPU(s) x {req.vram / GiB:.0f} GiB, {where}; {req.size[0]}x{req.size[1]}: "
@@ -369,3 +429,29 @@ def find_recipe(base: PlanRequest, max_gpus: int, goal: str) -> Optional[Plan]:
                     key = (gpus, qi, ki) if goal == "fewest-gpus" else (qi, ki, gpus)
                     options.append((key, plan))
     return min(options, key=lambda o: o[0])[1] if options else None
+
+
+from .comm import comm_bytes_per_block  # noqa: E402,F401  (the planner's byte predictor; parallel/comm.py)
+
+
+def choose_layout(req: PlanRequest, gpu: str = "rtx4090", link_gbps: Optional[float] = None,
+                  tflops: Optional[float] = None, world: Optional[int] = None,
+                  allow_vae_rank: bool = False) -> tuple[int, int]:
+    """(tp, pp) of the fastest layout that fits (parallel/speed.py), for `infer --layout auto`.
+
+    world: the ranks already started; only layouts with exactly that many ranks count (with the VAE on the
+    last DiT rank, or on a rank of its own when allow_vae_rank). Raises ConfigError when none fits.
+    """
+    from dataclasses import replace
+
+    from .speed import get_profile, layouts, recommended
+
+    profile = get_profile(gpu, link_gbps, tflops)
+    base = replace(req, gpus=world) if world is not None else req
+    options = [o for o in layouts(base, profile)
+               if (world is None or o.gpus == world) and (allow_vae_rank or o.vae != "rank")]
+    best = recommended(options)
+    if best is None:
+        raise ConfigError(f"no layout of {base.gpus} GPU(s) fits {base.vram / GiB:.0f} GiB per GPU at "
+                          f"{base.precision} {base.size[0]}x{base.size[1]}; try fp8, --kv-dtype fp8 or more GPUs")
+    return options[best].tp, options[best].pp
