@@ -219,3 +219,39 @@ def test_wrong_layouts_are_one_line_errors(toy_ckpt, monkeypatch):
         init_pipeline(2, 2, [(0, 2), (2, 4)])
     r = _stream_cli("--checkpoint", str(toy_ckpt), "--pp", "5")  # the toy DiT has 4 layers
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "4 layers" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ bytes
+def _counted_job(rank: int, pp: int, tp: int, ckpts: dict) -> dict:
+    from qavatar.parallel.group import ByteCounter
+    from qavatar.parallel.pipeline import init_pipeline
+    from qavatar.parallel.stream import _config, stream_latents
+
+    torch.set_num_threads(1)
+    counter = ByteCounter()
+    group = init_pipeline(pp, tp, stage_layers(_config(ckpts["bf16"]), pp, LATENT_HW), timeout_s=60, counter=counter)
+    out = {}
+    for name in ("bf16", "int8"):
+        sent = []
+        for blocks in (2, 3):  # both inside clip 0: one sink prefill each, so the difference is one block
+            counter.reset()
+            stream_latents(ckpts[name], group, blocks, LATENT_HW)
+            sent.append(counter.snapshot())
+        out[name] = {k: sent[1].get(k, 0) - sent[0].get(k, 0) for k in set(sent[0]) | set(sent[1])}
+    return out
+
+
+@pytest.mark.parametrize("pp,tp", [(2, 1), (4, 1), (2, 2)])
+def test_bytes_per_block_equal_the_plan(checkpoints, pp, tp):
+    """The runtime's counters (p2p hand-offs, flows back, the stages' TP collectives) equal the planner's
+    prediction for every rank."""
+    from qavatar.parallel.comm import comm_bytes_per_block
+    from qavatar.parallel.stream import _config
+
+    cfg = _config(checkpoints["bf16"])
+    runs = spawn_ranks(_counted_job, pp * tp, args=(pp, tp, checkpoints), timeout_s=300)
+    size = (LATENT_HW[0] * 8, LATENT_HW[1] * 8)
+    for name in ("bf16", "int8"):
+        want = comm_bytes_per_block(cfg, size, tp=tp, pp=pp, precision=name, compute_dtype=torch.float32, steps=4)
+        for rank, got in enumerate(r[name] for r in runs):
+            assert {k: v for k, v in got.items() if v} == {k: v for k, v in want[rank].items() if v}, (name, rank)

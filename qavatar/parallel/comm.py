@@ -13,9 +13,9 @@ quant/linear.py), with L = frames x tokens per frame noisy tokens and H/T heads 
               with dynamic W8A8 activations, the max of the per-token absmax, fp32 [L, 1]
 Pipeline (the runtime's protocol): per call each rank of stage k < S-1 sends its peer in stage k+1 the hidden
 states [1, L, dim] (compute dtype), e0 [1, F, 6, 2, dim] and e [1, F, dim] (fp32), the audio tokens [1, F, 1, dim]
-and [1, F, n+1, dim] (compute dtype); the last stage sends the updated latents [1, C, F, h, w] fp32 back to
-stage 0 after every call but the block's last (steps - 1 per block), and, with the VAE on its own rank, the
-finished latents once per block (from TP rank 0 of the last stage).
+and [1, F, n+1, dim] (compute dtype); the last stage sends the flow [1, C, F, h, w] fp32 back to stage 0
+after every call (steps per block: stage 0 owns the sampler state and the finished blocks), and, with the VAE on
+its own rank, the finished latents once per block (from TP rank 0 of the last stage).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def comm_bytes_per_block(cfg: ModelConfig, size: tuple[int, int], tp: int = 1, p
             per_call["p2p"] += handoff_bytes(cfg, latent_hw, compute_dtype)
         block = {k: v * steps for k, v in per_call.items()}
         if pp > 1 and stage == pp - 1:
-            block["p2p"] += (steps - 1) * latents_bytes(cfg, latent_hw)
+            block["p2p"] += steps * latents_bytes(cfg, latent_hw)
         for t in range(tp):
             rank = dict(block)
             if vae_rank and stage == pp - 1 and t == 0:

@@ -83,11 +83,7 @@ def init_pipeline(pp: int, tp: int, layers: list[tuple[int, int]], device: "str 
     rank, world = init_world(pp * tp, f"--pp {pp} --tp {tp}", device, timeout_s)
     groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None for s in range(pp)]
     stage = rank // tp
-    group = TPGroup(rank % tp, tp, groups[stage], exact_int8_reduce) if tp > 1 else TPGroup()
-    if counter is not None and hasattr(TPGroup, "__dataclass_fields__") and "counter" in TPGroup.__dataclass_fields__:
-        import dataclasses
-
-        group = dataclasses.replace(group, counter=counter)
+    group = TPGroup(rank % tp, tp, groups[stage], exact_int8_reduce, counter) if tp > 1 else TPGroup(counter=counter)
     return PipeGroup(stage, pp, group, range(*layers[stage]), counter)
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..errors import QavatarError
 from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, stream_sequential
-from .group import TPGroup
+from .group import ByteCounter, TPGroup
 from .launch import init_tp, spawn_ranks
 from .load import load_rank
 from .pipeline import PipeGroup, PipelineStage, check_layout, init_pipeline, schedule_for
@@ -97,7 +97,7 @@ def stream_latents(checkpoint: "str | Path", group: "TPGroup | PipeGroup", block
 
 def _sent(tp: TPGroup) -> dict:
     counter = getattr(tp, "counter", None)
-    return dict(counter.totals()) if counter is not None else {}
+    return counter.snapshot() if counter is not None else {}
 
 
 def _rank_main(rank: int, args: argparse.Namespace) -> dict:
@@ -109,14 +109,15 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
     if args.pp > 1:
         cfg = _config(args.checkpoint)
         group = init_pipeline(args.pp, args.tp, stage_layers(cfg, args.pp, latent_hw), args.device, args.timeout,
-                              exact_int8_reduce=not args.bf16_reduce)
+                              exact_int8_reduce=not args.bf16_reduce, counter=ByteCounter())
     else:
         group = init_tp(args.tp, device=args.device, timeout_s=args.timeout, exact_int8_reduce=not args.bf16_reduce)
+        group = dataclasses.replace(group, counter=ByteCounter())
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rep = stream_latents(args.checkpoint, group, args.blocks, latent_hw, args.seed, device, dtype)
     out = {"rank": rep.rank, "seconds_per_block": rep.seconds_per_block, "bytes_read": rep.bytes_read,
-           "held_bytes": rep.held_bytes, "cache_bytes": rep.cache_bytes}
+           "held_bytes": rep.held_bytes, "cache_bytes": rep.cache_bytes, "bytes_sent": rep.bytes_sent}
     if rep.latents is not None:
         out["latents_abs_sum"] = float(rep.latents.double().abs().sum())
     if args.pp > 1 and args.trace:
