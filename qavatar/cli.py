@@ -223,6 +223,9 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           tp: int = typer.Option(1, help="Tensor-parallel degree (ranks are started for you, or use torchrun)."),
           pp: int = typer.Option(1, help="Pipeline stages: the DiT's layers split over PP ranks (x TP each), "
                                          "blocks streamed through them in timestep-forcing order."),
+          gpus: Optional[int] = typer.Option(None, help="Ranks to start (default: --tp x --pp, or torchrun's); "
+                                                        "without --tp/--pp the planner picks the fastest layout "
+                                                        "that fits (`--layout auto`)."),
           size: Optional[str] = typer.Option(None, help="Output area as H*W, e.g. 704*384; the aspect ratio "
                                                         "follows the image, sides are multiples of 64."),
           num_clip: Optional[int] = typer.Option(None, help="Clips of 48 frames (default: what the audio covers)."),
@@ -241,7 +244,7 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
 
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
-                       t5_precision=t5_precision, pp=pp)
+                       t5_precision=t5_precision, pp=pp, gpus=gpus)
     try:
         results = run_infer(req)
     except QavatarError as e:

@@ -255,3 +255,20 @@ def test_bytes_per_block_equal_the_plan(checkpoints, pp, tp):
         want = comm_bytes_per_block(cfg, size, tp=tp, pp=pp, precision=name, compute_dtype=torch.float32, steps=4)
         for rank, got in enumerate(r[name] for r in runs):
             assert {k: v for k, v in got.items() if v} == {k: v for k, v in want[rank].items() if v}, (name, rank)
+
+
+# ------------------------------------------------------------------------------------------ --layout auto
+def test_layout_auto_takes_the_planners_fastest_fitting_layout():
+    from qavatar.model.config import resolve_config
+    from qavatar.parallel.plan import PlanRequest, choose_layout
+    from qavatar.pipeline.infer import InferRequest, resolve_layout
+
+    cfg = resolve_config("liveavatar-14b")
+    req, notes = resolve_layout(InferRequest("c", "i", "a", "p", "o", gpus=4), cfg, "fp8", (704, 384), "cpu")
+    want = choose_layout(PlanRequest(cfg, gpus=4, vram=10 ** 6 * 2 ** 30, precision="fp8", size=(704, 384)),
+                         "rtx4090", world=4)
+    assert (req.tp, req.pp) == want and req.tp * req.pp == 4 and "layout auto" in notes[0]
+    same, notes = resolve_layout(InferRequest("c", "i", "a", "p", "o", tp=2, pp=2), cfg, "fp8", (704, 384), "cpu")
+    assert (same.tp, same.pp, notes) == (2, 2, [])  # given layouts are kept
+    with pytest.raises(ConfigError, match="--tp 2 --pp 1 needs 2 ranks but 4 are started"):
+        resolve_layout(InferRequest("c", "i", "a", "p", "o", tp=2, gpus=4), cfg, "fp8", (704, 384), "cpu")

@@ -155,6 +155,19 @@ PROFILES: dict[str, GpuProfile] = {
 PROFILE_NUMBERS = ("bf16_tflops", "int8_tops", "fp8_tflops", "memory_gbps", "link_gbps", "memory_gib")
 
 
+# substrings of torch.cuda.get_device_name() -> profile (the first that matches)
+_DEVICE_NAMES = (("4090", "rtx4090"), ("3090", "rtx3090"), ("L40S", "l40s"), ("H200", "h200"),
+                 ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("A100-PCIE", "a100-pcie"), ("A100", "a100-sxm"))
+
+
+def profile_for_device(device_name: str) -> Optional[str]:
+    """The profile of a GPU by its CUDA name, or None for one the table does not know."""
+    for part, name in _DEVICE_NAMES:
+        if part.lower() in device_name.lower():
+            return name
+    return None
+
+
 def get_profile(name: str, link_gbps: Optional[float] = None, tflops: Optional[float] = None) -> GpuProfile:
     """A profile by name, with the link rate and/or the dense bf16 TFLOPS overridden (8-bit rates keep their
     ratio to bf16)."""

@@ -57,6 +57,7 @@ class InferRequest:
     timeout_s: float = 600.0
     t5_precision: str = "bf16"  # the umT5 encoder on the CPU: bf16 or int8 (weight-only)
     pp: int = 1  # pipeline stages (layer ranges of the DiT); pp * tp ranks in all
+    gpus: Optional[int] = None  # ranks to use; with tp = pp = 1 the planner picks the layout (`--layout auto`)
 
 
 @dataclass
@@ -142,8 +143,9 @@ def prepare(req: InferRequest) -> Prepared:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA GPU is visible")
-        if req.tp * req.pp > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
-            raise ConfigError(f"--tp {req.tp} --pp {req.pp} needs {req.tp * req.pp} GPUs but only "
+        ranks = max(req.tp * req.pp, req.gpus or 0)
+        if ranks > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
+            raise ConfigError(f"--tp {req.tp} --pp {req.pp} --gpus {req.gpus} needs {ranks} GPUs but only "
                               f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES="
                               f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use fewer ranks, or multi-node "
                               f"torchrun")
@@ -196,8 +198,38 @@ def prepare(req: InferRequest) -> Prepared:
     needed = min(clips * clip_frames, covered)
     blocks = math.ceil(needed / block_frames)
     runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
+    req, lnotes = resolve_layout(req, cfg, runtime or parts.precision, (height, width), device)
     return Prepared(req, parts, cfg, device, height, width, clips, blocks, needed - DROP_FRAMES, seconds, runtime,
-                    notes + pnotes)
+                    notes + pnotes + lnotes)
+
+
+def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tuple[int, int],
+                   device: str) -> tuple[InferRequest, list[str]]:
+    """The (tp, pp) to run: as given, or, when more ranks are started (torchrun's WORLD_SIZE, or --gpus) than
+    --tp/--pp ask for and neither was given, the planner's fastest layout that fits (`qavatar plan --gpu`)."""
+    import dataclasses
+
+    world = req.gpus or int(os.environ.get("WORLD_SIZE", "0")) or req.tp * req.pp
+    if world == req.tp * req.pp:
+        return req, []
+    if (req.tp, req.pp) != (1, 1):
+        raise ConfigError(f"--tp {req.tp} --pp {req.pp} needs {req.tp * req.pp} ranks but {world} are started; "
+                          f"make them match, or give neither flag to let the planner choose")
+    from ..parallel.plan import GiB, PlanRequest, choose_layout
+    from ..parallel.speed import profile_for_device
+
+    gpu, vram, why = "rtx4090", 10 ** 6 * GiB, "CPU ranks: ranked with the rtx4090 profile"
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        name = torch.cuda.get_device_name(local)
+        vram = torch.cuda.get_device_properties(local).total_memory
+        gpu = profile_for_device(name) or "rtx4090"
+        why = f"{name} as {gpu}" + ("" if profile_for_device(name) else " (unknown GPU: the rtx4090 profile)")
+    plan_precision = precision if precision in ("bf16", "int8", "fp8", "int8-wo", "fp8-wo") else "bf16"
+    tp, pp = choose_layout(PlanRequest(cfg, gpus=world, vram=vram, precision=plan_precision, size=size,
+                                       steps=req.sample_steps), gpu, world=world)
+    return dataclasses.replace(req, tp=tp, pp=pp), [f"layout auto: --pp {pp} --tp {tp} on {world} ranks, the "
+                                                     f"planner's fastest that fits ({why})"]
 
 
 @dataclass
