@@ -114,9 +114,9 @@ def resolve_precision(requested: Optional[str], stored: str, device: str) -> tup
 
 
 def _wav2vec_frames(num_samples: int, wav2vec_config: Path) -> int:
-    import json
+    from .audio_encoder import read_wav2vec_config
 
-    c = json.loads(wav2vec_config.read_text())
+    c = read_wav2vec_config(wav2vec_config)
     n = num_samples
     for k, s in zip(c.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2]), c.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])):
         n = (n - k) // s + 1
