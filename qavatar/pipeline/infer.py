@@ -298,6 +298,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
                 session.roll_sink(new_ref, motion)  # the rolling sink: the first generated frame becomes the reference
             res.clip_seconds.append(time.perf_counter() - t_clip)
             res.dit_seconds.append(dit_s)
+            progress.clip_done(r)
         if host:
             res.out = str(writer.close())
     except BaseException:
