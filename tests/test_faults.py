@@ -444,8 +444,6 @@ def test_bitsandbytes_noise_stays_off_the_console(tmp_path):
     r = _stderr_of("-m", "qavatar.cli", "toy-checkpoint", str(tmp_path / "toy"))  # imports diffusers' VAE
     assert r.returncode == 0, r.stderr
     assert r.stderr == "", r.stderr
-    r = _stderr_of("-m", "qavatar.cli", "inspect", str(tmp_path / "toy"))
-    assert r.returncode == 0 and r.stderr == "", r.stderr
     r = _stderr_of("-c", "import torch; from qavatar.quant.kernels import pick_int8_kernel; "
                          "print(pick_int8_kernel(torch.device('cpu'), 32, 64, 64))")
     assert r.stdout.strip() == "bnb" and "gemm_4bit" not in r.stderr, r.stderr  # still used, quietly
