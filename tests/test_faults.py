@@ -335,9 +335,9 @@ def test_t5_errors_are_whole_sentences(encoders, tmp_path):
     assert str(e.value) == (f"{t5}: not a loadable umT5 checkpoint (RuntimeError: PytorchStreamReader failed reading "
                             f"zip archive: failed finding central directory); re-download it")
     torch.save({"token_embedding.weight": _Code()}, tmp_path / "code.pth")
-    with pytest.raises(CheckpointError, match=r"code.pth: holds Python objects besides tensors, which qavatar does "
-                                              r"not unpickle \(weights_only: no code from a weights file is run\); "
-                                              r"use Wan's original umT5 file$"):
+    with pytest.raises(CheckpointError, match=r"code.pth: not a loadable umT5 checkpoint: it holds Python objects "
+                                              r"besides tensors, which qavatar does not unpickle \(weights_only: no "
+                                              r"code from a weights file is run\); use Wan's original umT5 file$"):
         load_wan_t5_state(tmp_path / "code.pth")
 
 

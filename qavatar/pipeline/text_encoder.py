@@ -54,9 +54,9 @@ def load_wan_t5_state(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or corrupt zip, a missing file, a pickle needing code...
         if isinstance(e, pickle.UnpicklingError) and str(e).startswith("Weights only load failed"):
-            raise CheckpointError(f"{path}: holds Python objects besides tensors, which qavatar does not unpickle "
-                                  f"(weights_only: no code from a weights file is run); use Wan's original umT5 "
-                                  f"file") from None
+            raise CheckpointError(f"{path}: not a loadable umT5 checkpoint: it holds Python objects besides tensors, "
+                                  f"which qavatar does not unpickle (weights_only: no code from a weights file is "
+                                  f"run); use Wan's original umT5 file") from None
         raise CheckpointError(f"{path}: not a loadable umT5 checkpoint ({e.__class__.__name__}: "
                               f"{first_sentence(e)}); re-download it") from None
     if not isinstance(state, dict) or "token_embedding.weight" not in state:
