@@ -44,7 +44,9 @@ class CheckpointReader:
                 self.index_path = indexes[0]
                 try:
                     weight_map = json.loads(self.index_path.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                        raise TypeError
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                     raise CheckpointError(f"{self.index_path}: not a valid safetensors index (no weight_map)") from None
                 files = [path / name for name in dict.fromkeys(weight_map.values())]
                 for f in files:
@@ -114,9 +116,12 @@ class CheckpointReader:
         if not p.is_file():
             return None
         try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+            config = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{p}: a JSON {type(config).__name__}, not an object; re-download or re-create it")
+        return config
 
     @property
     def has_manifest(self) -> bool:

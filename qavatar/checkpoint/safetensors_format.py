@@ -71,13 +71,20 @@ def read_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str], int
         raise CheckpointError(f"{path}: file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download or re-create it") from None
+    if not isinstance(header, dict):  # valid JSON, but a list, a number or a string
+        raise CheckpointError(f"{path}: corrupt safetensors header (JSON {type(header).__name__}, not an object); "
+                              f"re-download or re-create it")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)")
     entries, data_end = {}, 0
     for name, e in header.items():
         try:
             dtype = CODE_DTYPES[e["dtype"]]
             begin, end = e["data_offsets"]
             shape = tuple(int(s) for s in e["shape"])
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or min(shape, default=0) < 0:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for {name!r}") from None
         expect = TensorSpec(name, dtype, shape).nbytes

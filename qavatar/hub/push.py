@@ -9,6 +9,7 @@ printed, logged or written.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,7 +17,7 @@ from typing import Callable, Optional
 from ..checkpoint import MANIFEST, CheckpointReader, check_keys, verify_manifest
 from ..checkpoint.load import model_shapes
 from ..checkpoint.writer import PARTIAL_MARK
-from ..errors import CheckpointError, QavatarError
+from ..errors import CheckpointError, QavatarError, first_sentence
 from ..model import from_wan_config
 from .card import model_card
 
@@ -66,12 +67,37 @@ def validate_for_upload(ckpt: "str | Path") -> list[str]:
     return sorted(listed | {MANIFEST} | ({"README.md"} if (ckpt / "README.md").is_file() else set()))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """huggingface_hub's own rule for repo ids, as a one-line PushError."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise PushError(f"--repo-id {repo_id!r} is not a Hub repo id: use ORG/NAME (or NAME for your own "
+                        f"namespace) of letters, digits, '-', '_' and '.', at most 96 characters, not starting or "
+                        f"ending with '-' or '.'") from None
+
+
+def _transport_errors() -> tuple[type, ...]:
+    """The HTTP client's connection-level errors (httpx2, httpx; requests' are OSErrors already), as loaded
+    by huggingface_hub: which client it uses depends on its version."""
+    found = []
+    for name in ("httpx2", "httpx"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "TransportError"):
+            found.append(module.TransportError)
+    return tuple(found)
+
+
 def push(ckpt: "str | Path", repo_id: str, private: bool = False, revision: Optional[str] = None,
          message: Optional[str] = None, log: Callable[[str], None] = print) -> PushResult:
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     ckpt = Path(ckpt)
+    check_repo_id(repo_id)  # before hashing gigabytes
     files = validate_for_upload(ckpt)
     card_generated = "README.md" not in files
     ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(ckpt / f)) for f in files]
@@ -87,6 +113,10 @@ def push(ckpt: "str | Path", repo_id: str, private: bool = False, revision: Opti
         log(f"uploading {len(ops)} files ({total / 1e9:.2f} GB) to {repo_id}@{branch} in one commit")
         info = api.create_commit(repo_id, operations=ops, revision=branch,
                                  commit_message=message or f"Upload qavatar checkpoint ({ckpt.name})")
+    except _transport_errors() as e:  # no answer at all: DNS, refused connection, timeout, TLS
+        raise PushError(f"upload to {repo_id} failed: cannot reach the Hub at {api.endpoint} ({first_sentence(e)}); "
+                        f"the remote is unchanged: check the network (or HF_ENDPOINT) and run the same command "
+                        f"again") from None
     except (HfHubHTTPError, RuntimeError, OSError) as e:  # huggingface_hub wraps LFS failures in RuntimeError
         cause = e.__cause__ or e  # the server's reason and URL; huggingface_hub never puts the token in them
         raise PushError(f"upload to {repo_id} failed, the remote is unchanged (one commit or nothing); run the same "

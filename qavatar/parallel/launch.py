@@ -117,31 +117,85 @@ def spawn_ranks(fn: Callable[..., Any], world: int, args: tuple = (), start_meth
                 timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
     """Run fn(rank, *args) in `world` processes; return their results in rank order.
 
-    If any rank fails or dies, the others are stopped and a RankError names the first failure.
+    If any rank fails or dies, the others are stopped and a RankError names the rank that failed first.
     """
+    import multiprocessing
+    import multiprocessing.connection
+
     import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
 
     method = start_method or ("fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
                               else "spawn")
-    import multiprocessing
-
     queue = multiprocessing.get_context(method).SimpleQueue()  # plain pickling: results outlive the ranks
     port = free_port()
     context = mp.start_processes(_entry, args=(world, port, fn, args, queue), nprocs=world, join=False,
                                  start_method=method)
+    procs = context.processes
     reports: list = []
+    exits: dict[int, int] = {}  # rank -> exit code, in the order the exits were seen
     try:
-        while not context.join(timeout=0.2):  # drain while waiting: a rank blocks on a full result pipe
-            reports += _drain(queue)
-    except ProcessException as e:
+        while len(exits) < world and all(c == 0 for c in exits.values()):
+            waiting = [p.sentinel for r, p in enumerate(procs) if r not in exits]
+            multiprocessing.connection.wait(waiting, timeout=0.2)
+            reports += _drain(queue)  # drain while waiting: a rank blocks on a full result pipe
+            for r, p in enumerate(procs):
+                if r not in exits and p.exitcode is not None:
+                    exits[r] = p.exitcode
+    finally:
+        failed = any(c != 0 for c in exits.values()) or len(exits) < world
+        if failed:
+            _stop(procs)  # the exits seen so far are the ranks' own; from here on we stop them
         reports += _drain(queue)
-        failed = [r for r in reports if r[1] == "error"]
-        detail = failed[0][2].strip().splitlines()[-1] if failed else f"exited with code {getattr(e, 'exit_code', '?')}"
-        raise RankError(f"rank {failed[0][0] if failed else e.error_index} failed: {detail}; all {world} ranks "
-                        f"were stopped") from None
-    reports += _drain(queue)
+        for f in context.error_files:  # torch's per-rank traceback files: ours come through the queue
+            if os.path.exists(f):
+                os.unlink(f)
+    if failed:
+        raise RankError(f"{first_failure(reports, exits)}; all {world} ranks were stopped")
     return [_unbox(r[2]) for r in sorted((r for r in reports if r[1] == "ok"), key=lambda r: r[0])]
+
+
+def first_failure(reports: list, exits: dict[int, int]) -> str:
+    """Which rank failed first, and how. reports: (rank, "ok"|"error", detail) in arrival order; exits: rank ->
+    exit code in the order the launcher saw them exit (before it stopped anyone).
+
+    A rank killed by a signal (kill -9, the OOM killer, a segfault) is the cause: a peer's failure never sends
+    one, it only makes the survivors' collectives fail ("Connection closed by peer"), and those survivors may
+    report before the launcher has noticed the dead rank. Otherwise the first reported error, then the first
+    exit without a report.
+    """
+    import signal
+
+    for r, code in exits.items():
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "unknown signal"
+            why = ": out of memory, or kill -9?" if -code == signal.SIGKILL else ""
+            return f"rank {r} was killed by signal {-code} ({name}{why})"
+    errors = [x for x in reports if x[1] == "error"]
+    if errors:
+        return f"rank {errors[0][0]} failed: {errors[0][2].strip().splitlines()[-1]}"
+    for r, code in exits.items():
+        if code != 0:
+            return f"rank {r} failed: exited with code {code} without a report"
+    return "a rank failed without a report"
+
+
+def _stop(procs: list, grace_s: float = 10.0) -> None:
+    """SIGTERM every live rank, then SIGKILL what is still there after grace_s."""
+    import time
+
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
 
 
 def _drain(queue) -> list:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import QavatarError
 from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, stream_sequential
 from .group import ByteCounter, TPGroup
 from .launch import init_tp, spawn_ranks
@@ -128,15 +128,6 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
     return out
 
 
-def _validate(args: argparse.Namespace) -> None:
-    """The layout against the model, before any rank starts."""
-    if args.pp > 1:
-        from ..hub import resolve_checkpoint
-
-        cfg = _config(str(resolve_checkpoint(args.checkpoint)))
-        check_layout(args.pp, args.tp, cfg.num_layers, cfg.num_heads)
-
-
 def _config(checkpoint: str):
     from ..checkpoint.load import find_dit_dir
     from ..checkpoint.reader import CheckpointReader
@@ -145,7 +136,53 @@ def _config(checkpoint: str):
     return from_wan_config(CheckpointReader(find_dit_dir(checkpoint)).config)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before a rank starts: one ConfigError/CheckpointError instead of a rank's traceback.
+    A Hub name is resolved here (downloaded once; the ranks then find it in the cache)."""
+    from ..checkpoint.load import find_dit_dir
+    from ..checkpoint.reader import CheckpointReader
+    from ..errors import ConfigError
+    from ..hub import resolve_checkpoint
+    from ..model import from_wan_config
+    from ..pipeline.sizing import DIVISOR
+
+    if args.tp < 1:
+        raise ConfigError(f"--tp {args.tp}: the tensor-parallel degree is at least 1")
+    if args.blocks < 1:
+        raise ConfigError(f"--blocks {args.blocks}: stream at least 1 block")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: give a positive number of seconds")
+    m = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", args.size)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1 or int(m.group(1)) % DIVISOR or int(m.group(2)) % DIVISOR:
+        raise ConfigError(f"--size {args.size!r}: give pixel H*W with both sides multiples of {DIVISOR}, e.g. 128*64")
+    args.size = f"{m.group(1)}*{m.group(2)}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is visible")
+    if args.device == "cuda" and "WORLD_SIZE" not in os.environ and args.tp * args.pp > torch.cuda.device_count():
+        raise ConfigError(f"--tp {args.tp} --pp {args.pp} needs {args.tp * args.pp} GPUs but only "
+                          f"{torch.cuda.device_count()} are visible")
+    dit = find_dit_dir(resolve_checkpoint(args.checkpoint))
+    cfg = from_wan_config(CheckpointReader(dit).config or {}, name=dit.name)
+    if cfg.num_heads % args.tp:
+        raise ConfigError(f"--tp {args.tp} does not divide the {cfg.num_heads} attention heads; use one of "
+                          f"{[d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0 and d <= 8]}")
+    check_layout(args.pp, args.tp, cfg.num_layers, cfg.num_heads)
+    if args.trace and args.pp == 1:
+        raise ConfigError("--trace records the pipeline's work items: use it with --pp 2 or more")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """The command line: a bad argument or input is one `error: ...` line and exit status 2."""
+    from ..errors import QavatarError
+
+    try:
+        return _main(argv)
+    except QavatarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (per pipeline stage)")
@@ -160,11 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "
                          "int32 reduction; not bit-identical to one GPU)")
     args = ap.parse_args(argv)
-    try:
-        _validate(args)
-    except QavatarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_args(args)
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         reports = [_rank_main(int(os.environ["RANK"]), args)]
     elif args.tp * args.pp > 1:

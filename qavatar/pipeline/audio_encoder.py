@@ -21,10 +21,25 @@ import torch
 
 from ..errors import CheckpointError
 from .audio_features import _frame_indices
+from .hf_files import load_error
 
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
 SAMPLE_RATE = 16000
 HOP = 320  # samples per wav2vec2 frame (50 Hz): the product of the conv strides
+
+
+def read_wav2vec_config(path: Path) -> dict:
+    """wav2vec2's config.json as a dict; a broken one is a CheckpointError naming it."""
+    import json
+
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the wav2vec2 config ({e.__class__.__name__}); replace the file "
+                              f"(re-download it)") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, not a wav2vec2 config; replace the file")
+    return config
 
 
 class AudioEncoder:
@@ -44,8 +59,8 @@ class AudioEncoder:
         try:
             self.model = Wav2Vec2Model.from_pretrained(str(path), dtype=dtype).to(device).eval()
             self.extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(path))
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot load wav2vec2 ({str(e).splitlines()[0][:160]})") from None
+        except Exception as e:  # OSError, JSONDecodeError, TypeError, SafetensorError...: name the file
+            raise load_error(path, "wav2vec2 audio encoder", e) from None
         finally:
             tlog.set_verbosity(level)
         self.device, self.dtype = torch.device(device), dtype

@@ -124,9 +124,9 @@ def resolve_precision(requested: Optional[str], stored: str, device: str) -> tup
 
 
 def _wav2vec_frames(num_samples: int, wav2vec_config: Path) -> int:
-    import json
+    from .audio_encoder import read_wav2vec_config
 
-    c = json.loads(wav2vec_config.read_text())
+    c = read_wav2vec_config(wav2vec_config)
     n = num_samples
     for k, s in zip(c.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2]), c.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])):
         n = (n - k) // s + 1
@@ -353,6 +353,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
             now = time.perf_counter()
             res.clip_seconds.append(now - clock["clip"])
             clock["clip"] = now
+            progress.clip_done(r)
 
     try:
         if pipe is None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import html
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_sentence
 from .keymaps import t5_wan_to_hf
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -51,9 +52,13 @@ def cache_dir() -> Path:
 def load_wan_t5_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zip, a pickle needing code, ...
+    except Exception as e:  # a truncated or corrupt zip, a missing file, a pickle needing code...
+        if isinstance(e, pickle.UnpicklingError) and str(e).startswith("Weights only load failed"):
+            raise CheckpointError(f"{path}: not a loadable umT5 checkpoint: it holds Python objects besides tensors, "
+                                  f"which qavatar does not unpickle (weights_only: no code from a weights file is "
+                                  f"run); use Wan's original umT5 file") from None
         raise CheckpointError(f"{path}: not a loadable umT5 checkpoint ({e.__class__.__name__}: "
-                              f"{str(e).splitlines()[0][:160]})") from None
+                              f"{first_sentence(e)}); re-download it") from None
     if not isinstance(state, dict) or "token_embedding.weight" not in state:
         raise CheckpointError(f"{path}: has no token_embedding.weight; not Wan's umT5 encoder file")
     return state
@@ -113,7 +118,12 @@ class TextEncoder:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            from .hf_files import load_error
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            except Exception as e:  # JSONDecodeError, TypeError, OSError...: name the file
+                raise load_error(self.tokenizer_dir, "umT5 tokenizer", e) from None
         return self._tokenizer
 
     def _cache_key(self, prompt: str) -> str:

@@ -60,7 +60,10 @@ def toy_t5_state(cfg: ModelConfig, vocab: int, seed: int) -> dict[str, torch.Ten
 
 
 def toy_vae_state(seed: int) -> dict[str, torch.Tensor]:
-    from diffusers import AutoencoderKLWan
+    from ..quiet import quiet_bitsandbytes
+
+    with quiet_bitsandbytes():  # diffusers imports bitsandbytes, which logs on import
+        from diffusers import AutoencoderKLWan
 
     torch.manual_seed(seed)
     model = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,

@@ -57,7 +57,10 @@ def vae_config(state: dict[str, torch.Tensor]) -> dict:
 
 def load_wan_vae(path: "str | Path", device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32):
     """diffusers AutoencoderKLWan with the weights of Wan's `Wan2.1_VAE.pth`."""
-    from diffusers import AutoencoderKLWan
+    from ..quiet import quiet_bitsandbytes
+
+    with quiet_bitsandbytes():  # diffusers imports bitsandbytes, which logs on import
+        from diffusers import AutoencoderKLWan
 
     path = Path(path)
     if not path.is_file():

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import writing_to
 from .media import MediaError
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
@@ -36,7 +37,8 @@ class Mp4Writer:
             raise MediaError(f"--out {self.out}: directory {self.out.parent} does not exist")
         self.tmp = self.out.with_name(f".{self.out.name}.partial-{os.getpid()}")
         self.fps, self.frames = fps, 0
-        self._container = av.open(str(self.tmp), "w", format="mp4")
+        with writing_to(self.out):
+            self._container = av.open(str(self.tmp), "w", format="mp4")
         self._video = self._container.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": "medium"})
         self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
         self._video.codec_context.time_base = Fraction(1, fps)
@@ -97,9 +99,13 @@ class Mp4Writer:
     # ---------------------------------------------------------------- video
     def write(self, frames: torch.Tensor) -> None:
         """frames: [T, H, W, 3] uint8."""
+        arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+        with writing_to(self.out):
+            self._write(arr)
+
+    def _write(self, arr: np.ndarray) -> None:
         import av
 
-        arr = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
         for img in arr:
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             vf.pts, vf.time_base = self.frames, Fraction(1, self.fps)
@@ -109,6 +115,10 @@ class Mp4Writer:
         self._pump_audio(self.frames / self.fps)
 
     def close(self) -> Path:
+        with writing_to(self.out):
+            return self._close()
+
+    def _close(self) -> Path:
         for pkt in self._video.encode():
             self._container.mux(pkt)
         if self._audio is not None:

@@ -30,7 +30,7 @@ from ..checkpoint import TensorSpec, atomic_directory, check_keys, open_weights,
 from ..checkpoint.load import find_dit_dir, model_shapes
 from ..checkpoint.lora import MergedWeights
 from ..checkpoint.writer import ShardedWriter, sha256_file
-from ..errors import CalibrationError, ConfigError
+from ..errors import CalibrationError, ConfigError, writing_to
 from ..model import ModelConfig
 from .calibrate import CalibrationResult, Calibrator, LayerPlan, check_finite
 from .config import QuantConfig
@@ -309,5 +309,6 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
         info.update(calibration_set=calib.name, calibration_manifest_sha256=calib.sha256(),
                     calibration_pairs=len(inputs), calibration_size=[h, w], calibration_encoders=encoders.name)
     log(f"writing {out}")
-    return write_quantized(weights, raw_config or cfg.to_wan_config(), cfg, config, plans, Path(out), result, info,
-                           max_shard_bytes, overwrite, log)
+    with writing_to(out):  # a full or read-only disk: one line, and atomic_directory has removed the partial
+        return write_quantized(weights, raw_config or cfg.to_wan_config(), cfg, config, plans, Path(out), result, info,
+                               max_shard_bytes, overwrite, log)

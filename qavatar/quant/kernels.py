@@ -94,8 +94,11 @@ def fp8_rowwise_failed(device: torch.device, err: Exception) -> None:
 
 
 def _bnb():
+    from ..quiet import quiet_bitsandbytes
+
     try:
-        import bitsandbytes.functional as bnbf  # noqa: F401
+        with quiet_bitsandbytes():  # its import logs a 4-bit kernel warning that does not concern us
+            import bitsandbytes.functional as bnbf  # noqa: F401
 
         return bnbf
     except Exception:  # not installed, or no native library for this platform
