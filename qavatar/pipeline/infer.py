@@ -153,8 +153,11 @@ def prepare(req: InferRequest) -> Prepared:
 
     parts = locate(req.checkpoint, req.encoders)
     from ..checkpoint.reader import CheckpointReader
+    from ..quant.config import check_sample_steps, static_scale_slots
 
-    cfg = from_wan_config(CheckpointReader(parts.dit).config, name=parts.dit.name)
+    reader = CheckpointReader(parts.dit)
+    cfg = from_wan_config(reader.config, name=parts.dit.name)
+    check_sample_steps(static_scale_slots(reader), req.sample_steps)  # per-timestep scales fix the step count
     if cfg.num_heads % req.tp:
         raise ConfigError(f"--tp {req.tp} does not divide the {cfg.num_heads} attention heads; use one of "
                           f"{[d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0 and d <= 8]}")
