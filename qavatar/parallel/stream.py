@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ..model.streaming import StreamingSession, flow_match_schedule
+from ..pipeline.latents_out import check_latents_out, save_stream_latents
 from .group import TPGroup
 from .launch import init_tp, spawn_ranks
 from .load import load_rank
@@ -74,6 +75,8 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     h, w = (int(v) for v in args.size.split("*"))
     rep = stream_latents(args.checkpoint, tp, args.blocks, (h // 8, w // 8), args.seed, device, dtype)
+    if args.latents_out and tp.rank == tp.size - 1:  # the host rank, as in qavatar infer
+        save_stream_latents(args.latents_out, rep.latents, args.checkpoint, args.seed, tp.size, args.size, args.blocks)
     return {"rank": rep.rank, "seconds_per_block": rep.seconds_per_block, "bytes_read": rep.bytes_read,
             "held_bytes": rep.held_bytes, "cache_bytes": rep.cache_bytes,
             "latents_abs_sum": float(rep.latents.double().abs().sum())}
@@ -91,7 +94,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bf16-reduce", action="store_true",
                     help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "
                          "int32 reduction; not bit-identical to one GPU)")
+    ap.add_argument("--latents-out", help="write the latents (every block, float32) to this safetensors file")
     args = ap.parse_args(argv)
+    check_latents_out(args.latents_out)
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         reports = [_rank_main(int(os.environ["RANK"]), args)]
     elif args.tp > 1:

@@ -30,6 +30,7 @@ import torch
 from ..errors import ConfigError, QavatarError
 from ..model import ModelConfig, from_wan_config
 from .components import Components, locate
+from .latents_out import check_latents_out
 from .media import MediaError, load_audio, load_image
 from .sizing import parse_area, size_for_area
 
@@ -56,6 +57,7 @@ class InferRequest:
     prompt_cache: bool = True
     timeout_s: float = 600.0
     t5_precision: str = "bf16"  # the umT5 encoder on the CPU: bf16 or int8 (weight-only)
+    latents_out: Optional[str] = None  # also write the generated latents here (safetensors, host rank)
 
 
 @dataclass
@@ -150,6 +152,7 @@ def prepare(req: InferRequest) -> Prepared:
         raise MediaError(f"--out {out} is a directory; give a file name such as {out / 'out.mp4'}")
     if not out.parent.is_dir():
         raise MediaError(f"--out {out}: directory {out.parent} does not exist")
+    check_latents_out(req.latents_out)
 
     parts = locate(req.checkpoint, req.encoders)
     from ..checkpoint.reader import CheckpointReader
@@ -232,6 +235,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     from ..parallel.launch import init_tp
     from ..parallel.load import load_rank
     from ..quant import QuantConfig
+    from .latents_out import open_for_run
     from .progress import Progress
     from .vae import to_uint8_frames
     from .video_writer import Mp4Writer
@@ -261,7 +265,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     fpb, per_clip = cfg.num_frames_per_block, cfg.clip_latent_frames // cfg.num_frames_per_block
     h, w = prep.latent_hw
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
-    writer = decoder = None
+    writer = decoder = latents_file = None
     if host:
         res.encode_seconds = side.encode_seconds
         decoder = side.vae.stream()
@@ -269,6 +273,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
         writer = Mp4Writer(req.out, cfg.sample_fps, prep.height, prep.width, audio=req.audio,
                            audio_offset_s=DROP_FRAMES / cfg.sample_fps)
     try:
+        latents_file = open_for_run(prep, tp.size) if host else None  # --latents-out
         block = 0
         for r in range(prep.clips):
             t_clip = time.perf_counter()
@@ -284,6 +289,8 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
                 lat = session.denoise_block(noise[:, :, b * fpb:(b + 1) * fpb], audio[..., 4 * b * fpb:4 * (b + 1) * fpb],
                                             on_call=lambda info, r=r, b=b: progress.step(r, b, info.step))
                 dit_s += time.perf_counter() - t
+                if latents_file is not None:
+                    latents_file.write(lat)
                 if r == 0 and b == 0:
                     new_ref = lat[:, :, :1]
                 if host:
@@ -302,10 +309,14 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
             res.clip_seconds.append(time.perf_counter() - t_clip)
             res.dit_seconds.append(dit_s)
         if host:
+            if latents_file is not None:
+                latents_file.close()
             res.out = str(writer.close())
     except BaseException:
         if writer is not None:
             writer.abort()
+        if latents_file is not None:
+            latents_file.abort()
         raise
     finally:
         progress.close()
