@@ -114,7 +114,10 @@ def test_latents_out_decodes_to_the_video(ckpts, toy_ckpt, tmp_path):
     mp4, fed = _frames(out), torch.cat(written).numpy()
     assert again.shape == mp4.shape == fed.shape == (45, 128, 64, 3)
     assert np.abs(again.astype(np.int16) - fed).mean() < 0.5  # the frames infer handed to the encoder
-    assert np.abs(again.astype(np.int16) - mp4).mean() < 4.0  # the mp4 (h264 at crf 18 on noise)
+    # the mp4: h264 at crf 18 with 4:2:0 chroma loses a mean ~12/255 on this noise, whichever copy of the frames
+    h264 = np.abs(fed.astype(np.int16) - mp4).mean()
+    assert abs(np.abs(again.astype(np.int16) - mp4).mean() - h264) < 0.5
+    assert np.abs(np.roll(again, 1, axis=0).astype(np.int16) - mp4).mean() > h264 + 5  # and not just any frames
 
 
 def test_latents_out_is_written_atomically_or_not_at_all(ckpts, tmp_path, monkeypatch):
