@@ -1,6 +1,6 @@
 """`qavatar quantize`: LoRA-merged DiT -> calibrated 8-bit checkpoint, written tensor by tensor.
 
-Output (a compressed-tensors-style directory any reader understands):
+Output (compressed-tensors style; what compressed-tensors itself can load, per scheme, is in docs/quantization.md):
     config.json                    the source config + quantization_config
     diffusion_pytorch_model*.safetensors (+ index)
         <m>.weight        int8 / float8_e4m3fn [out, in]     (quantized Linears)
