@@ -238,13 +238,16 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           no_prompt_cache: bool = typer.Option(False, "--no-prompt-cache", help="Encode the prompt even if cached."),
           t5_precision: str = typer.Option("bf16", help="umT5 encoder weights: bf16 (11.4 GB of RAM) or int8 "
                                                         "(weight-only, 6.7 GB)."),
-          timeout: float = typer.Option(600, help="Seconds a rank may wait on the others.")) -> None:
+          timeout: float = typer.Option(600, help="Seconds a rank may wait on the others."),
+          latents_out: Optional[Path] = typer.Option(None, "--latents-out", help="Also write the generated latents "
+                                                     "(every block, float32) to this safetensors file.")) -> None:
     """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""
     from .pipeline.infer import InferRequest, infer as run_infer
 
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
-                       t5_precision=t5_precision, pp=pp, gpus=gpus)
+                       t5_precision=t5_precision, latents_out=str(latents_out) if latents_out else None, pp=pp,
+                       gpus=gpus)
     try:
         results = run_infer(req)
     except QavatarError as e:

@@ -203,3 +203,28 @@ def test_a_rank_that_never_arrives_times_out_with_a_message():
     assert r.returncode == 3, r.stderr
     assert "rank 0: could not form the 2-rank group" in r.stdout and "within 3 s" in r.stdout
     assert time.monotonic() - t < 60
+
+
+def test_stream_latents_out_at_tp2_equals_tp1(checkpoints, tmp_path):
+    """`python -m qavatar.parallel.stream --latents-out`: the host rank writes every block's latents; int8 at TP=2
+    equals the same stream at TP=1, bit for bit, at the per-rank thread count."""
+    from qavatar.parallel.stream import main, stream_latents
+    from qavatar.pipeline.latents_out import LatentsOutError, load_latents
+
+    out = tmp_path / "lat.safetensors"
+    assert main(["--checkpoint", str(checkpoints["int8"]), "--tp", "2", "--blocks", "2", "--seed", "3",
+                 "--latents-out", str(out)]) == 0
+    latents, meta = load_latents(out)
+    assert latents.dtype == torch.float32 and latents.shape[2:] == (6, 16, 8)  # 2 blocks x 3 frames, 128*64 / 8
+    assert {k: meta[k] for k in ("seed", "precision", "tp", "size", "blocks")} == \
+        {"seed": "3", "precision": "int8", "tp": "2", "size": "128*64", "blocks": "2"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what each spawned rank runs with
+    try:
+        ref = stream_latents(checkpoints["int8"], TPGroup(), 2, (16, 8), seed=3).latents
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(latents, ref)
+    assert not list(tmp_path.glob(".*partial*"))
+    with pytest.raises(LatentsOutError, match="is a directory"):
+        main(["--checkpoint", str(checkpoints["int8"]), "--latents-out", str(tmp_path)])

@@ -150,7 +150,8 @@ def _quant_lines(q: dict[str, Any]) -> list[str]:
     if scheme.get("smooth_alpha") is not None:
         extra.append(f"SmoothQuant alpha {scheme['smooth_alpha']} on {qa.get('smoothed_layers', 0)} layers "
                      f"({len(qa.get('smooth_folded', []))} folded)")
-    lines = [f"quantized   {scheme.get('precision', '?')} ({q.get('quant_method')} {q.get('format')}): "
+    fmt = group.get("format", q.get("format"))  # the plain layers' format (unfolded SmoothQuant: its own group)
+    lines = [f"quantized   {scheme.get('precision', '?')} ({q.get('quant_method')} {fmt}): "
              f"{qa.get('layers_quantized', '?')} Linears, {len(q.get('ignore', []))} kept bf16; {act_text}"
              + "".join(f"; {e}" for e in extra)]
     db = qa.get("sqnr_db")

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, stream_sequential
+from ..pipeline.latents_out import check_latents_out, save_stream_latents
 from .group import ByteCounter, TPGroup
 from .launch import init_tp, spawn_ranks
 from .load import load_rank
@@ -116,6 +117,9 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     rep = stream_latents(args.checkpoint, group, args.blocks, latent_hw, args.seed, device, dtype)
+    if args.latents_out and rep.latents is not None and group.rank == (group.tp.size if args.pp > 1 else group.size) - 1:
+        # the host rank, as in qavatar infer (the first stage's last TP rank)
+        save_stream_latents(args.latents_out, rep.latents, args.checkpoint, args.seed, args.tp, args.size, args.blocks)
     out = {"rank": rep.rank, "seconds_per_block": rep.seconds_per_block, "bytes_read": rep.bytes_read,
            "held_bytes": rep.held_bytes, "cache_bytes": rep.cache_bytes, "bytes_sent": rep.bytes_sent}
     if rep.latents is not None:
@@ -196,8 +200,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bf16-reduce", action="store_true",
                     help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "
                          "int32 reduction; not bit-identical to one GPU)")
+    ap.add_argument("--latents-out", help="write the latents (every block, float32) to this safetensors file")
     args = ap.parse_args(argv)
     check_args(args)
+    check_latents_out(args.latents_out)
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         reports = [_rank_main(int(os.environ["RANK"]), args)]
     elif args.tp * args.pp > 1:

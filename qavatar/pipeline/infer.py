@@ -30,6 +30,7 @@ import torch
 from ..errors import ConfigError, QavatarError
 from ..model import ModelConfig, from_wan_config
 from .components import Components, locate
+from .latents_out import check_latents_out
 from .media import MediaError, load_audio, load_image
 from .sizing import parse_area, size_for_area
 
@@ -58,6 +59,7 @@ class InferRequest:
     t5_precision: str = "bf16"  # the umT5 encoder on the CPU: bf16 or int8 (weight-only)
     pp: int = 1  # pipeline stages (layer ranges of the DiT); pp * tp ranks in all
     gpus: Optional[int] = None  # ranks to use; with tp = pp = 1 the planner picks the layout (`--layout auto`)
+    latents_out: Optional[str] = None  # also write the generated latents here (safetensors, host rank)
 
 
 @dataclass
@@ -164,11 +166,15 @@ def prepare(req: InferRequest) -> Prepared:
         raise MediaError(f"--out {out} is a directory; give a file name such as {out / 'out.mp4'}")
     if not out.parent.is_dir():
         raise MediaError(f"--out {out}: directory {out.parent} does not exist")
+    check_latents_out(req.latents_out)
 
     parts = locate(req.checkpoint, req.encoders)
     from ..checkpoint.reader import CheckpointReader
+    from ..quant.config import check_sample_steps, static_scale_slots
 
-    cfg = from_wan_config(CheckpointReader(parts.dit).config, name=parts.dit.name)
+    reader = CheckpointReader(parts.dit)
+    cfg = from_wan_config(reader.config, name=parts.dit.name)
+    check_sample_steps(static_scale_slots(reader), req.sample_steps)  # per-timestep scales fix the step count
     if req.pp > cfg.num_layers:
         raise ConfigError(f"--pp {req.pp}: the DiT has {cfg.num_layers} layers, so at most {cfg.num_layers} stages")
     if cfg.num_heads % req.tp:
@@ -292,6 +298,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     from ..parallel.load import load_rank
     from ..parallel.pipeline import PipelineStage, schedule_for
     from ..quant import QuantConfig
+    from .latents_out import open_for_run
     from .progress import Progress
     from .vae import to_uint8_frames
     from .video_writer import Mp4Writer
@@ -325,7 +332,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
                              rolled_condition(ref, motion))
 
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
-    writer = decoder = None
+    writer = decoder = latents_file = None
     if host:
         res.encode_seconds = side.encode_seconds
         decoder = side.vae.stream()
@@ -336,6 +343,8 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
 
     def on_block(b: int, latents: torch.Tensor) -> None:
         r = b // per_clip
+        if latents_file is not None:
+            latents_file.write(latents)
         if host:
             frames = decoder.decode(latents.cpu())[0]  # [3, 4 * fpb, H, W]
             if b == 0:
@@ -356,6 +365,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
             progress.clip_done(r)
 
     try:
+        latents_file = open_for_run(prep, tp.size) if host else None  # --latents-out
         if pipe is None:
             session = StreamingSession(model, context, *inputs.condition(0, None), timesteps, sigmas, seed=req.seed)
             res.cache_bytes = session.cache_bytes()
@@ -369,10 +379,14 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
             stage.run(schedule_for(cfg, prep.blocks, req.sample_steps, prep.pp, roll_sink=True), ctx, inputs,
                       on_block if pipe.first else None)
         if host:
+            if latents_file is not None:
+                latents_file.close()
             res.out = str(writer.close())
     except BaseException:
         if writer is not None:
             writer.abort()
+        if latents_file is not None:
+            latents_file.abort()
         raise
     finally:
         progress.close()

@@ -21,6 +21,8 @@ from ..errors import ConfigError
 
 PRECISIONS = ("int8", "fp8", "int8-wo", "fp8-wo")
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+# The format of the group of unfolded SmoothQuant layers: no compressed-tensors reader knows it, on purpose.
+SMOOTH_FORMAT = "qavatar-smoothquant-divide-input-by-smooth_scale"
 
 # Every Linear of the blocks and of the audio injector; the rest stays bf16, as upstream keeps it.
 DEFAULT_TARGETS = (
@@ -30,6 +32,10 @@ DEFAULT_TARGETS = (
     r"audio_injector\.injector_adain_layers\.\d+\.linear",
 )
 _DEFAULT_RE = re.compile("|".join(f"(?:{p})" for p in DEFAULT_TARGETS) + "$")
+# The same, as compressed-tensors targets (re.match from the start, so anchored at the end): by name, not by the
+# class "Linear", so that a reader without the model class (compressed-tensors' model-free converter, which takes
+# every `*.weight` for a Linear's under "Linear") finds exactly the quantized layers.
+CT_TARGETS = [f"re:{p}$" for p in DEFAULT_TARGETS]
 
 
 def is_default_target(name: str) -> bool:
@@ -83,7 +89,27 @@ class QuantConfig:
         return is_default_target(name) and not any(fnmatch.fnmatchcase(name, g) for g in self.ignore)
 
     # ------------------------------------------------------------------ compressed-tensors description
-    def quantization_config(self, ignore: list[str], qavatar: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def storage_format(self) -> str:
+        """The compressed-tensors format of the stored weights: plain int8/e4m3 plus a per-channel scale.
+
+        What compressed-tensors 0.20 would infer itself, except int8-wo: it infers `pack-quantized` (int8
+        packed into int32 words, `weight_packed`), which is not how qavatar stores it.
+        """
+        if self.weight_only:
+            return "naive-quantized"
+        return "int-quantized" if self.weight_dtype == torch.int8 else "float-quantized"
+
+    def quantization_config(self, ignore: list[str], qavatar: dict[str, Any],
+                            smoothed: Optional[list[str]] = None) -> dict[str, Any]:
+        """config.json's `quantization_config`. Every group declares its own `format`: compressed-tensors reads
+        the format per group, and infers one when it is missing (wrongly for int8-wo).
+
+        `smoothed` are the layers whose stored weight is W * smooth_scale (SmoothQuant not folded away). A
+        reader must divide their input by smooth_scale; one that does not know to would compute W * s, so they
+        form their own group with a format no compressed-tensors reader has (`SMOOTH_FORMAT`): such a reader
+        refuses the whole config instead of computing a wrong layer (docs/quantization.md, Interoperability).
+        """
         kind = "int" if self.weight_dtype == torch.int8 else "float"
         weights = {"num_bits": 8, "type": kind, "strategy": "channel", "symmetric": True, "dynamic": False}
         acts = None
@@ -91,13 +117,16 @@ class QuantConfig:
             acts = {"num_bits": 8, "type": kind, "symmetric": True,
                     "strategy": "token" if self.activations == "dynamic" else "tensor",
                     "dynamic": self.activations == "dynamic"}
-        fmt = {"int8": "int-quantized", "fp8": "float-quantized", "int8-wo": "naive-quantized",
-               "fp8-wo": "float-quantized"}[self.precision]
+        groups = {"group_0": {"targets": list(CT_TARGETS), "weights": weights, "input_activations": acts,
+                              "format": self.storage_format}}
+        if smoothed:  # exact names outrank regexes when a reader matches targets
+            groups["group_1"] = {"targets": sorted(smoothed), "weights": dict(weights),
+                                 "input_activations": dict(acts) if acts else None, "format": SMOOTH_FORMAT}
         return {
             "quant_method": "compressed-tensors",
-            "format": fmt,
+            "format": self.storage_format if not smoothed else "mixed-precision",
             "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+            "config_groups": groups,
             "ignore": sorted(ignore),
             "qavatar": {"scheme": asdict(self), **qavatar},
         }
@@ -110,3 +139,20 @@ class QuantConfig:
             raise ConfigError("quantization_config has no qavatar scheme; only qavatar checkpoints are supported") from None
         scheme["ignore"] = tuple(scheme.get("ignore", ()))
         return cls(**scheme)
+
+
+def static_scale_slots(weights) -> int:
+    """How many static input scales each quantized Linear of a checkpoint holds: 0 (dynamic or weight-only),
+    1 (per-tensor) or steps + 1 (per-timestep: one per sampler step, then the sink prefill). Reads shapes only."""
+    key = next((k for k in weights.keys() if k.endswith(".input_scale")), None)
+    return 0 if key is None else int(weights.shape(key)[0])
+
+
+def check_sample_steps(slots: int, steps: int) -> None:
+    """Per-timestep scales belong to the step count they were calibrated for: with more steps the sink slot is
+    out of range, with fewer the sink prefill would run on a sampler step's scale (0.8 dB instead of 41 on the
+    worst layer, issue 10). Refuse the mismatch rather than guess a scale."""
+    if slots > 1 and slots != steps + 1:
+        raise ConfigError(f"--sample-steps {steps}: this checkpoint's static input scales were calibrated per sampler "
+                          f"step for {slots - 1} steps; run --sample-steps {slots - 1}, or quantize without "
+                          f"--per-timestep (one per-tensor scale fits any step count)")

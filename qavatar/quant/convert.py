@@ -1,6 +1,6 @@
 """`qavatar quantize`: LoRA-merged DiT -> calibrated 8-bit checkpoint, written tensor by tensor.
 
-Output (a compressed-tensors-style directory any reader understands):
+Output (compressed-tensors style; what compressed-tensors itself can load, per scheme, is in docs/quantization.md):
     config.json                    the source config + quantization_config
     diffusion_pytorch_model*.safetensors (+ index)
         <m>.weight        int8 / float8_e4m3fn [out, in]     (quantized Linears)
@@ -207,7 +207,8 @@ def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantCo
             "end_to_end_sqnr_db": calibration.end_to_end_db if calibration else None,
         }
         conf = dict(raw_config)
-        conf["quantization_config"] = config.quantization_config(ignore, qavatar)
+        unfolded = [n for n, p in quant.items() if p.smooth is not None and n not in folded]
+        conf["quantization_config"] = config.quantization_config(ignore, qavatar, smoothed=unfolded)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         report = build_report(config, plans, calibration, info)
         (tmp / REPORT).write_text(json.dumps(report, indent=2))

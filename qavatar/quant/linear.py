@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..model.step_context import current_slot
 from ..parallel import SINGLE, TPGroup
 from .config import QuantConfig
@@ -53,6 +54,9 @@ class QuantLinear(nn.Module):
     def _activation_absmax(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:  # static: a calibrated per-tensor scale
             slot = current_slot()  # the sampler step (or sink prefill) running now
+            if slot is not None and slot >= self.input_scale.numel() > 1:
+                raise ConfigError(f"per-timestep input scales for {self.input_scale.numel() - 1} sampler steps, but "
+                                  f"this is sampler slot {slot}: run the step count the checkpoint was calibrated for")
             s = self.input_scale.max() if slot is None or self.input_scale.numel() == 1 else self.input_scale[slot]
             return (s * self.config.qmax).reshape(1, 1)
         absmax = token_absmax(x)
