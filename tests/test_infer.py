@@ -91,6 +91,29 @@ def test_end_to_end_at_tp1_and_tp2(ckpts, tmp_path, name, precision):
     assert np.abs(videos[1].astype(np.int16) - videos[2]).mean() < 1.0
 
 
+@pytest.mark.parametrize("pp,tp", [(2, 1), (2, 2)])
+def test_pipeline_layout_gives_the_sequential_latents(ckpts, tmp_path, pp, tp):
+    """infer --pp: 2 clips (the sink rolls), the int8 latents equal one rank's bit for bit (exact int32 reduction
+    in the hybrid layout), and the video is the same one."""
+    threads = torch.get_num_threads()
+    latents, videos = {}, {}
+    for layout in ((1, 1), (pp, tp)):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (pp * tp)))  # as many threads as each spawned rank
+        try:
+            out = tmp_path / f"{layout}.mp4"
+            results = _run(ckpts["int8"], out, tp=layout[1], pp=layout[0], num_clip=2,
+                           latents_out=tmp_path / f"{layout}.safetensors")
+        finally:
+            torch.set_num_threads(threads)
+        assert len(results) == layout[0] * layout[1] and [r.rank for r in results if r.host] == [layout[1] - 1]
+        latents[layout], _ = load_latents(tmp_path / f"{layout}.safetensors")
+        videos[layout] = _frames(out)
+    assert latents[(1, 1)].shape[2] == 24  # 2 clips x 4 blocks x 3 latent frames
+    assert torch.equal(latents[(1, 1)], latents[(pp, tp)])
+    assert videos[(1, 1)].shape == videos[(pp, tp)].shape == (93, 128, 64, 3)
+    assert np.abs(videos[(1, 1)].astype(np.int16) - videos[(pp, tp)]).mean() < 1.0  # VAE float kernels: see above
+
+
 def test_latents_out_decodes_to_the_video(ckpts, toy_ckpt, tmp_path):
     """The --latents-out file holds what the video was decoded from: the same VAE, warmed the same way, turns
     it back into the mp4's frames (up to the VAE's float kernels and h264's loss)."""
