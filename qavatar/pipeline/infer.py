@@ -17,7 +17,6 @@ them, so sound and picture stay in sync.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -29,12 +28,10 @@ import torch
 
 from ..errors import ConfigError, QavatarError
 from ..model import ModelConfig, from_wan_config
+from .clips import DROP_FRAMES, VAE_WARMUP_LATENTS, plan_clips  # noqa: F401 (re-exported)
 from .components import Components, locate
 from .media import MediaError, load_audio, load_image
 from .sizing import parse_area, size_for_area
-
-DROP_FRAMES = 3  # the reference drops the stream's first 3 decoded frames
-VAE_WARMUP_LATENTS = 7  # motion latents decoded (and discarded) to warm the VAE's causal cache
 
 
 @dataclass
@@ -113,14 +110,11 @@ def resolve_precision(requested: Optional[str], stored: str, device: str) -> tup
     return runtime, notes
 
 
-def _wav2vec_frames(num_samples: int, wav2vec_config: Path) -> int:
+def _wav2vec_conv(wav2vec_config: Path) -> tuple[list[int], list[int]]:
     import json
 
     c = json.loads(wav2vec_config.read_text())
-    n = num_samples
-    for k, s in zip(c.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2]), c.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])):
-        n = (n - k) // s + 1
-    return max(n, 0)
+    return c.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2]), c.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])
 
 
 def prepare(req: InferRequest) -> Prepared:
@@ -170,19 +164,16 @@ def prepare(req: InferRequest) -> Prepared:
     if covered < block_frames:
         raise MediaError(f"{req.audio}: {seconds:.2f} s of audio; one block of video needs at least "
                          f"{block_frames / fps:.2f} s ({block_frames} frames at {fps} fps)")
-    t = _wav2vec_frames(len(wave), parts.encoders / "wav2vec2-large-xlsr-53-english" / "config.json")
-    audio_clips = int(int(t / 50 * 30) / (clip_frames * 30 / fps)) + 1  # the reference's clip count
-    clips = audio_clips if req.num_clip is None else req.num_clip
-    notes = []
-    if clips < 1:
+    if req.num_clip is not None and req.num_clip < 1:
         raise ConfigError("--num-clip must be at least 1")
-    if clips > audio_clips:
-        notes.append(f"--num-clip {clips}: the audio covers {audio_clips} clip(s); generating {audio_clips}")
-        clips = audio_clips
-    needed = min(clips * clip_frames, covered)
-    blocks = math.ceil(needed / block_frames)
+    plan = plan_clips(len(wave), *_wav2vec_conv(parts.encoders / "wav2vec2-large-xlsr-53-english" / "config.json"),
+                      fps=fps, clip_frames=clip_frames, block_frames=block_frames, num_clip=req.num_clip)
+    notes = []
+    if req.num_clip is not None and req.num_clip > plan.audio_clips:
+        notes.append(f"--num-clip {req.num_clip}: the audio covers {plan.audio_clips} clip(s); generating "
+                     f"{plan.audio_clips}")
     runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
-    return Prepared(req, parts, cfg, device, height, width, clips, blocks, needed - DROP_FRAMES, seconds, runtime,
+    return Prepared(req, parts, cfg, device, height, width, plan.clips, plan.blocks, plan.frames, seconds, runtime,
                     notes + pnotes)
 
 
@@ -229,6 +220,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     from ..parallel.launch import init_tp
     from ..parallel.load import load_rank
     from ..quant import QuantConfig
+    from .clips import ClipRunner, FrameStream
     from .progress import Progress
     from .vae import to_uint8_frames
     from .video_writer import Mp4Writer
@@ -255,49 +247,34 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     timesteps, sigmas = flow_match_schedule(req.sample_steps)
     session = StreamingSession(model, context[None], ref, motion, timesteps, sigmas, seed=req.seed)
     res.cache_bytes = session.cache_bytes()
-    fpb, per_clip = cfg.num_frames_per_block, cfg.clip_latent_frames // cfg.num_frames_per_block
     h, w = prep.latent_hw
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
-    writer = decoder = None
+    writer = stream = None
     if host:
         res.encode_seconds = side.encode_seconds
-        decoder = side.vae.stream()
-        decoder.decode(motion[:, :, :VAE_WARMUP_LATENTS].cpu())  # warms the causal cache; frames discarded
+        stream = FrameStream(side.vae, motion)  # warms the VAE's causal cache on the motion latents
         writer = Mp4Writer(req.out, cfg.sample_fps, prep.height, prep.width, audio=req.audio,
                            audio_offset_s=DROP_FRAMES / cfg.sample_fps)
+    runner = ClipRunner(session, motion, prep.clips, prep.blocks,
+                        noise=lambda r: torch.randn(1, cfg.in_dim, cfg.clip_latent_frames, h, w,
+                                                    generator=torch.Generator().manual_seed(req.seed + r)),
+                        audio=lambda r: tp.broadcast(side.audio.clip(r) if host else None, src, device),
+                        on_call=lambda r, b, info: progress.step(r, b, info.step))
     try:
-        block = 0
-        for r in range(prep.clips):
-            t_clip = time.perf_counter()
-            dit_s = 0.0
-            audio = tp.broadcast(side.audio.clip(r) if host else None, src, device)
-            noise = torch.randn(1, cfg.in_dim, cfg.clip_latent_frames, h, w,
-                                generator=torch.Generator().manual_seed(req.seed + r))
-            new_ref = None
-            for b in range(per_clip):
-                if block >= prep.blocks:
-                    break
-                t = time.perf_counter()
-                lat = session.denoise_block(noise[:, :, b * fpb:(b + 1) * fpb], audio[..., 4 * b * fpb:4 * (b + 1) * fpb],
-                                            on_call=lambda info, r=r, b=b: progress.step(r, b, info.step))
-                dit_s += time.perf_counter() - t
-                if r == 0 and b == 0:
-                    new_ref = lat[:, :, :1]
-                if host:
-                    frames = decoder.decode(lat.cpu())[0]  # [3, 4 * fpb, H, W]
-                    if block == 0:
-                        frames = frames[:, DROP_FRAMES:]
-                    frames = to_uint8_frames(frames[:, :prep.frames - res.frames])
-                    writer.write(frames)
-                    if on_frames is not None:
-                        on_frames(frames)
-                    res.frames += frames.shape[0]
-                    progress.wrote(frames.shape[0])
-                block += 1
-            if r == 0 and prep.clips > 1:
-                session.roll_sink(new_ref, motion)  # the rolling sink: the first generated frame becomes the reference
-            res.clip_seconds.append(time.perf_counter() - t_clip)
-            res.dit_seconds.append(dit_s)
+        t_clip, dit_s = time.perf_counter(), 0.0
+        for out in runner:
+            dit_s += out.dit_seconds
+            if host:
+                frames = to_uint8_frames(stream.block(out.latents)[:, :prep.frames - res.frames])
+                writer.write(frames)
+                if on_frames is not None:
+                    on_frames(frames)
+                res.frames += frames.shape[0]
+                progress.wrote(frames.shape[0])
+            if out.clip_done:
+                res.clip_seconds.append(time.perf_counter() - t_clip)
+                res.dit_seconds.append(dit_s)
+                t_clip, dit_s = time.perf_counter(), 0.0
         if host:
             res.out = str(writer.close())
     except BaseException:
