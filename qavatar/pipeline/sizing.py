@@ -115,7 +115,7 @@ def resize_and_crop(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 def to_pixel_values(rgb: "np.ndarray | torch.Tensor") -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1] with ToTensor's arithmetic: /255 then *2 - 1
     (not /127.5 - 1, which rounds differently)."""
-    u8 = torch.as_tensor(np.asarray(rgb))
+    u8 = rgb if isinstance(rgb, torch.Tensor) else torch.from_numpy(np.array(rgb, dtype=np.uint8))  # a copy
     return u8.permute(2, 0, 1).float().div(255) * 2 - 1.0
 
 
