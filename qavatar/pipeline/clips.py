@@ -126,13 +126,20 @@ class ClipRunner:
 class FrameStream:
     """The VAE side of the stream: block latents in, the frames the video keeps out ([3, n, H, W], [-1, 1])."""
 
-    def __init__(self, vae, motion_latents: torch.Tensor, warmup: int = VAE_WARMUP_LATENTS, drop: int = DROP_FRAMES):
+    def __init__(self, vae, motion_latents: torch.Tensor, warmup: int = VAE_WARMUP_LATENTS, drop: int = DROP_FRAMES,
+                 keep_decoded: bool = False):
+        """keep_decoded: keep the warm-up output and each block's whole decode (for parity checks)."""
         self.decoder = vae.stream()
-        self.warmup_frames = self.decoder.decode(motion_latents[:, :, :warmup].cpu())  # warms the cache; not shown
+        warm = self.decoder.decode(motion_latents[:, :, :warmup].cpu())  # warms the causal cache; not shown
+        self.keep = keep_decoded
+        self.warmup_frames = warm if keep_decoded else None
+        self.decoded: Optional[torch.Tensor] = None
         self.drop, self.first = drop, True
 
     def block(self, latents: torch.Tensor) -> torch.Tensor:
-        frames = self.decoded = self.decoder.decode(latents.cpu())[0]  # [3, 4 * frames_per_block, H, W]
+        frames = self.decoder.decode(latents.cpu())[0]  # [3, 4 * frames_per_block, H, W]
+        if self.keep:
+            self.decoded = frames
         if self.first:
             frames, self.first = frames[:, self.drop:], False
         return frames
