@@ -15,9 +15,9 @@ from qavatar.pipeline.audio_encoder import AudioConditioning, AudioEncoder
 from qavatar.pipeline.audio_features import bucket_features, interpolate_features
 from qavatar.pipeline.keymaps import t5_hf_to_wan, t5_wan_to_hf, vae_diffusers_to_wan
 from qavatar.pipeline.media import MediaError
-from qavatar.pipeline.sizing import fit_image, parse_area, size_for_area
+from qavatar.pipeline.sizing import crop_plan, fit_image, parse_area, size_for_area, to_pixel_values
 from qavatar.pipeline.text_encoder import TextEncoder, clean_prompt, umt5_from_wan
-from qavatar.pipeline.vae import WanVAE, load_wan_vae, vae_config
+from qavatar.pipeline.vae import WanVAE, load_wan_vae, to_uint8_frames, vae_config
 from qavatar.pipeline.video_writer import Mp4Writer, probe
 
 DATA = Path(__file__).parent / "data"
@@ -56,6 +56,30 @@ def test_fit_image_resizes_the_short_side_then_center_crops():
     assert out[:, :, 2:-2].abs().max() < 0.01 and out.abs().max() < 0.5  # only the grey middle survives
     tall = fit_image(torch.rand(3, 300, 100) * 2 - 1, 192, 64)
     assert tall.shape == (3, 192, 64)
+
+
+def test_fit_image_pads_black_where_the_resized_image_is_too_small():
+    # 400x720 into 384x704: short side 384 -> 384x691, 13 columns short: 6 left, 7 right, black (-1.0, not grey)
+    img = torch.full((3, 400, 720), 255, dtype=torch.uint8)
+    plan = crop_plan(400, 720, 384, 704)
+    assert plan.resized_hw == (384, 691) and plan.pad_ltrb == (6, 0, 7, 0) and plan.padded_pixels == 13 * 384
+    out = fit_image(img, 384, 704)
+    assert torch.equal(out[:, :, :6], torch.full((3, 384, 6), -1.0)) and torch.equal(out[:, :, -7:], -torch.ones(3, 384, 7))
+    assert torch.equal(out[:, :, 6:-7], torch.ones(3, 384, 691))
+    # float input from media.load_image (v / 127.5 - 1) gives the same pixels as its uint8 source
+    u8 = torch.randint(0, 256, (3, 90, 170), dtype=torch.uint8)
+    assert torch.equal(fit_image(u8.float() / 127.5 - 1, 128, 192), fit_image(u8, 128, 192))
+    # ToTensor's arithmetic (/255 * 2 - 1), which differs from /127.5 - 1 in the last bit for some levels
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(3, 1, 256)
+    assert torch.equal(to_pixel_values(levels.permute(1, 2, 0)), levels.float() / 255 * 2 - 1)
+    # crop offsets use Python's round-half-even: 21 extra columns -> offset round(10.5) = 10
+    assert crop_plan(64, 149, 64, 128).offset_tl == (0, 10)
+
+
+def test_uint8_frames_truncate_as_the_reference():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0, -0.00196]).view(1, -1, 1, 1).expand(3, -1, 1, 1)
+    got = to_uint8_frames(x)[:, 0, 0, 0].tolist()
+    assert got == [0, 0, 127, 254, 255, 255, 127]  # (x + 1) / 2 * 255 truncated: 127.5 -> 127, 254.87 -> 254
 
 
 # -------------------------------------------------------------------------------------------- umT5
@@ -209,7 +233,7 @@ def test_streaming_decode_equals_decoding_everything_at_once(tmp_path):
     vae = WanVAE(model)
     lat = torch.randn(1, 16, 10, 8, 4)
     with torch.no_grad():
-        whole = model.decode(lat * vae.std + vae.mean).sample
+        whole = model.decode(vae.denormalize(lat)).sample
     stream = vae.stream()
     parts = [stream.decode(lat[:, :, :7]), stream.decode(lat[:, :, 7:8]), stream.decode(lat[:, :, 8:])]
     assert [p.shape[2] for p in parts] == [1 + 6 * 4, 4, 8]  # the first latent frame is 1 frame, later ones 4
@@ -226,7 +250,20 @@ def test_vae_encode_normalises_with_the_wan_statistics():
     assert z.shape == (1, 16, 3, 4, 4)
     mean = torch.tensor(model.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(model.config.latents_std).view(1, -1, 1, 1, 1)
-    assert torch.allclose(z, (mu - mean) / std)
+    assert torch.equal(z, (mu - mean) * (1.0 / std))  # the reference multiplies by the precomputed reciprocal
+    assert torch.allclose(vae.denormalize(z), mu, atol=1e-6)
+
+
+def test_vae_constants_follow_the_vae_dtype_as_in_the_reference():
+    model = _tiny_diffusers_vae(dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+    fp32, bf16 = WanVAE(model), WanVAE(model.to(torch.bfloat16))
+    assert fp32.mean.dtype == torch.float32 and bf16.mean.dtype == bf16.inv_std.dtype == torch.bfloat16
+    std = torch.tensor(model.config.latents_std)
+    assert torch.equal(bf16.inv_std.flatten(), 1.0 / std.bfloat16())  # a bf16 division, as torch.tensor(std, bf16)
+    # bf16 constants move latents by up to ~3.5e-3 (the fixture's ref_latents_bf16_constants); not more
+    mu = torch.randn(1, 16, 1, 4, 4) * 3
+    moved = (bf16.normalize(mu.bfloat16()).float() - fp32.normalize(mu)).abs().max()
+    assert 0 < moved < 0.05
 
 
 # ------------------------------------------------------------------------------------------- audio

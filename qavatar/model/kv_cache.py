@@ -59,15 +59,20 @@ class RollingKVCache:
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v of tokens [start, start+L) (absolute) and return the K/V rows attention sees."""
         n, layer = k.shape[1], layer - self.first_layer
+        slot, active = self.slots(start, n)
+        self.k[layer, :, slot:slot + n] = k
+        self.v[layer, :, slot:slot + n] = v
+        return self.k[layer, :, :active], self.v[layer, :, :active]
+
+    def slots(self, start: int, n: int) -> tuple[int, int]:
+        """(first row written, rows attended) for n tokens at absolute position start."""
         if start >= self.window:  # window full: overwrite the oldest rows, attend to all of them
             slot, active = start % self.window, self.window
         else:
             slot, active = start, start + n
         if slot + n > self.window:
             raise ValueError(f"block of {n} tokens at {slot} overflows the {self.window}-token KV window")
-        self.k[layer, :, slot:slot + n] = k
-        self.v[layer, :, slot:slot + n] = v
-        return self.k[layer, :, :active], self.v[layer, :, :active]
+        return slot, active
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

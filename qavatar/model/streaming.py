@@ -69,6 +69,8 @@ class CallInfo:
     sink_offset: int
     sink_shift: int
     flow: torch.Tensor
+    latents_in: Optional[torch.Tensor] = None  # the call's input latents
+    timestep: Optional[torch.Tensor] = None  # [B, frames]
 
 
 class StreamingSession:
@@ -127,13 +129,14 @@ class StreamingSession:
         for i, t in enumerate(self.timesteps):
             offset = int(self.sink_offset())
             shift = max(0, self.next_frame - (self.cfg.ref_rope_frame - offset))
+            t_in, x_in = t.expand(self.batch, frames).to(self.model.device), x
             with sampler_slot(i):
-                flow = self.model.forward_stream(x, t.expand(self.batch, frames).to(self.model.device),
-                                                 self.context, cond_states, audio_tokens, self.caches[i], self.sink,
-                                                 self.next_frame, shift)
+                flow = self.model.forward_stream(x, t_in, self.context, cond_states, audio_tokens, self.caches[i],
+                                                 self.sink, self.next_frame, shift)
             x = x + (self.sigmas[i + 1] - self.sigmas[i]).item() * flow
             if on_call is not None:
-                on_call(CallInfo(self.block_index, i, self.next_frame, offset, shift, flow))
+                on_call(CallInfo(self.block_index, i, self.next_frame, offset, shift, flow, x_in, t_in))
+            del x_in
             del flow  # not alive during the next call
         self.next_frame += frames
         self.block_index += 1

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import CheckpointError
 from .audio_features import _frame_indices
+from .clips import clip_count
 from .hf_files import load_error
 
 WAV2VEC_DIR = "wav2vec2-large-xlsr-53-english"
@@ -95,7 +96,7 @@ class AudioConditioning:
         if self.T < 1:
             raise ValueError("audio shorter than one wav2vec2 frame")
         self.L = int(self.T / 50.0 * video_rate)  # frames after the 50 -> 30 Hz resampling
-        self.clips = int(self.L / (clip_frames * video_rate / fps)) + 1
+        self.clips = clip_count(self.T, fps, clip_frames, video_rate)
         frames = self.clips * clip_frames
         self.index = _frame_indices(video_rate, math.ceil(frames / fps * video_rate), fps, frames)  # 30 Hz feature of each video frame
         self.window = max(1, int(window_s * 50))

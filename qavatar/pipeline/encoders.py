@@ -37,12 +37,7 @@ class PipelineEncoders:
     def condition(self, image: torch.Tensor, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = latent_hw
         pixels = fit_image(image, 8 * h, 8 * w)[None, :, None]  # [1, 3, 1, H, W]
-        ref = self.vae.encode(pixels)
-        motion = self.vae.encode(pixels.expand(-1, -1, self.cfg.motion_frames[0], -1, -1))
-        if motion.shape[2] != self.cfg.motion_frames[1]:
-            raise ValueError(f"the VAE made {motion.shape[2]} motion latents from {self.cfg.motion_frames[0]} "
-                             f"frames; the DiT expects {self.cfg.motion_frames[1]}")
-        return ref, motion
+        return encode_condition(self.vae, pixels, self.cfg.motion_frames)
 
     def encode_audio(self, wave: np.ndarray, sample_rate: int = 16000) -> torch.Tensor:
         return self.audio.hidden_states(self.audio.normalize(wave))
@@ -50,3 +45,13 @@ class PipelineEncoders:
     def encode_text(self, prompt: str) -> torch.Tensor:
         return self.text.encode(prompt)
 
+
+def encode_condition(vae, pixels: torch.Tensor, motion_frames: "tuple[int, int]") -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference pixels [1, 3, 1, H, W] -> (reference latent, motion latents): the image alone, and the image
+    repeated over motion_frames[0] frames (motion_frames[1] latent frames), each VAE-encoded."""
+    ref = vae.encode(pixels)
+    motion = vae.encode(pixels.expand(-1, -1, motion_frames[0], -1, -1))
+    if motion.shape[2] != motion_frames[1]:
+        raise ValueError(f"the VAE made {motion.shape[2]} motion latents from {motion_frames[0]} frames; the DiT "
+                         f"expects {motion_frames[1]}")
+    return ref, motion

@@ -17,7 +17,6 @@ them, so sound and picture stay in sync.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -29,13 +28,11 @@ import torch
 
 from ..errors import ConfigError, QavatarError
 from ..model import ModelConfig, from_wan_config
+from .clips import DROP_FRAMES, VAE_WARMUP_LATENTS, plan_clips  # noqa: F401 (re-exported)
 from .components import Components, locate
 from .latents_out import check_latents_out
 from .media import MediaError, load_audio, load_image
 from .sizing import parse_area, size_for_area
-
-DROP_FRAMES = 3  # the reference drops the stream's first 3 decoded frames
-VAE_WARMUP_LATENTS = 7  # motion latents decoded (and discarded) to warm the VAE's causal cache
 
 
 @dataclass
@@ -125,14 +122,11 @@ def resolve_precision(requested: Optional[str], stored: str, device: str) -> tup
     return runtime, notes
 
 
-def _wav2vec_frames(num_samples: int, wav2vec_config: Path) -> int:
+def _wav2vec_conv(wav2vec_config: Path) -> tuple[list[int], list[int]]:
     from .audio_encoder import read_wav2vec_config
 
     c = read_wav2vec_config(wav2vec_config)
-    n = num_samples
-    for k, s in zip(c.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2]), c.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])):
-        n = (n - k) // s + 1
-    return max(n, 0)
+    return c.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2]), c.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])
 
 
 def prepare(req: InferRequest) -> Prepared:
@@ -192,20 +186,17 @@ def prepare(req: InferRequest) -> Prepared:
     if covered < block_frames:
         raise MediaError(f"{req.audio}: {seconds:.2f} s of audio; one block of video needs at least "
                          f"{block_frames / fps:.2f} s ({block_frames} frames at {fps} fps)")
-    t = _wav2vec_frames(len(wave), parts.encoders / "wav2vec2-large-xlsr-53-english" / "config.json")
-    audio_clips = int(int(t / 50 * 30) / (clip_frames * 30 / fps)) + 1  # the reference's clip count
-    clips = audio_clips if req.num_clip is None else req.num_clip
-    notes = []
-    if clips < 1:
+    if req.num_clip is not None and req.num_clip < 1:
         raise ConfigError("--num-clip must be at least 1")
-    if clips > audio_clips:
-        notes.append(f"--num-clip {clips}: the audio covers {audio_clips} clip(s); generating {audio_clips}")
-        clips = audio_clips
-    needed = min(clips * clip_frames, covered)
-    blocks = math.ceil(needed / block_frames)
+    plan = plan_clips(len(wave), *_wav2vec_conv(parts.encoders / "wav2vec2-large-xlsr-53-english" / "config.json"),
+                      fps=fps, clip_frames=clip_frames, block_frames=block_frames, num_clip=req.num_clip)
+    notes = []
+    if req.num_clip is not None and req.num_clip > plan.audio_clips:
+        notes.append(f"--num-clip {req.num_clip}: the audio covers {plan.audio_clips} clip(s); generating "
+                     f"{plan.audio_clips}")
     runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
     req, lnotes = resolve_layout(req, cfg, runtime or parts.precision, (height, width), device)
-    return Prepared(req, parts, cfg, device, height, width, clips, blocks, needed - DROP_FRAMES, seconds, runtime,
+    return Prepared(req, parts, cfg, device, height, width, plan.clips, plan.blocks, plan.frames, seconds, runtime,
                     notes + pnotes + lnotes)
 
 
@@ -299,6 +290,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     from ..parallel.pipeline import PipelineStage, schedule_for
     from ..quant import QuantConfig
     from .latents_out import open_for_run
+    from .clips import FrameStream
     from .progress import Progress
     from .vae import to_uint8_frames
     from .video_writer import Mp4Writer
@@ -332,11 +324,10 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
                              rolled_condition(ref, motion))
 
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
-    writer = decoder = latents_file = None
+    writer = stream = latents_file = None
     if host:
         res.encode_seconds = side.encode_seconds
-        decoder = side.vae.stream()
-        decoder.decode(motion[:, :, :VAE_WARMUP_LATENTS].cpu())  # warms the causal cache; frames discarded
+        stream = FrameStream(side.vae, motion)  # warms the VAE's causal cache on the motion latents
         writer = Mp4Writer(req.out, cfg.sample_fps, prep.height, prep.width, audio=req.audio,
                            audio_offset_s=DROP_FRAMES / cfg.sample_fps)
     clock = {"clip": time.perf_counter()}
@@ -346,10 +337,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
         if latents_file is not None:
             latents_file.write(latents)
         if host:
-            frames = decoder.decode(latents.cpu())[0]  # [3, 4 * fpb, H, W]
-            if b == 0:
-                frames = frames[:, DROP_FRAMES:]
-            frames = to_uint8_frames(frames[:, :prep.frames - res.frames])
+            frames = to_uint8_frames(stream.block(latents)[:, :prep.frames - res.frames])
             writer.write(frames)
             if on_frames is not None:
                 on_frames(frames)

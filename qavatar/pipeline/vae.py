@@ -2,8 +2,10 @@
 
 The config (base_dim, dim_mult, num_res_blocks, temporal downsampling) is read off the tensor shapes, and the
 keys are renamed with keymaps.vae_diffusers_to_wan, so the real VAE and the toy one load through one path.
-Latents are normalised as the reference does: (mu - mean) / std per channel, the 16 means and stds being
-diffusers' latents_mean / latents_std.
+Latents are normalised as the reference's streaming WanVAE does: (mu - mean) * (1 / std) per channel, and back
+with z / (1 / std) + mean, the 16 means and stds being diffusers' latents_mean / latents_std. Like the reference,
+the constants and this arithmetic are in the VAE's dtype: bf16 on a GPU (the bf16 mean and reciprocal move
+latents by up to 3.5e-3 against fp32 ones), fp32 on the CPU.
 
 Decoding streams: `StreamingDecoder` keeps the causal conv cache between calls, so a block of 3 latent frames
 decodes to 12 video frames the moment it is generated, and the result equals decoding the whole sequence at
@@ -56,26 +58,36 @@ def vae_config(state: dict[str, torch.Tensor]) -> dict:
 
 
 def load_wan_vae(path: "str | Path", device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32):
-    """diffusers AutoencoderKLWan with the weights of Wan's `Wan2.1_VAE.pth`."""
+    """diffusers AutoencoderKLWan with the weights of Wan's `Wan2.1_VAE.pth` (or a .safetensors of its state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: VAE not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a loadable VAE checkpoint ({e.__class__.__name__})") from None
+    return vae_from_state_dict(state, device, dtype, name=str(path))
+
+
+def vae_from_state_dict(state: dict[str, torch.Tensor], device: "str | torch.device" = "cpu",
+                        dtype: torch.dtype = torch.float32, name: str = "VAE"):
     from ..quiet import quiet_bitsandbytes
 
     with quiet_bitsandbytes():  # diffusers imports bitsandbytes, which logs on import
         from diffusers import AutoencoderKLWan
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: VAE not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a loadable VAE checkpoint ({e.__class__.__name__})") from None
     cfg = vae_config(state)
     with torch.device("meta"):
         model = AutoencoderKLWan(**cfg)
     names = vae_wan_to_diffusers(list(model.state_dict()), cfg["num_res_blocks"])
     missing, extra = sorted(set(names) - set(state)), sorted(set(state) - set(names))
     if missing or extra:
-        raise CheckpointError(f"{path}: VAE keys do not match a Wan 2.1 VAE: missing {missing[:3]}, "
+        raise CheckpointError(f"{name}: VAE keys do not match a Wan 2.1 VAE: missing {missing[:3]}, "
                               f"unexpected {extra[:3]}")
     model.load_state_dict({names[k]: v for k, v in state.items()}, assign=True, strict=True)
     model = model.to(device)
@@ -96,24 +108,40 @@ def _causal_conv_count(module: torch.nn.Module) -> int:
 class WanVAE:
     """Encode pixels to normalised latents; decode them back, streamed."""
 
-    def __init__(self, model):
+    def __init__(self, model, constants_dtype: Optional[torch.dtype] = None):
+        """constants_dtype: dtype of the latent mean and 1/std and of the normalisation arithmetic; by default
+        the VAE's own dtype, as the reference builds them (`torch.tensor(mean, dtype=param_dtype)`)."""
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         c = model.config
         self.z_dim = c.z_dim
-        self.mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        cd = constants_dtype or self.dtype
+        self.mean = torch.tensor(c.latents_mean, dtype=cd, device=self.device).view(1, -1, 1, 1, 1)
+        self.inv_std = (1.0 / torch.tensor(c.latents_std, dtype=cd, device=self.device)).view(1, -1, 1, 1, 1)
 
     @classmethod
     def load(cls, path: "str | Path", device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32):
         return cls(load_wan_vae(path, device, dtype))
 
+    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        """Raw encoder means -> latents: (mu - mean) * (1/std), in the constants' dtype."""
+        return (mu.to(self.mean) - self.mean) * self.inv_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> decoder input: z / (1/std) + mean (the reference divides by the reciprocal)."""
+        return z.to(self.mean) / self.inv_std + self.mean
+
+    @torch.no_grad()
+    def encode_mu(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W] in [-1, 1] -> raw encoder means [B, z, 1 + (T-1)//4, H/8, W/8] (VAE dtype and device).
+        Time is chunked 1, 4, 4, ... frames with the causal cache cleared before and after, as the reference's."""
+        return self.model.encode(video.to(self.device, self.dtype)).latent_dist.mode()
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """[B, 3, T, H, W] in [-1, 1] -> normalised latents [B, z, 1 + (T-1)//4, H/8, W/8] (fp32, on CPU)."""
-        mu = self.model.encode(video.to(self.device, self.dtype)).latent_dist.mode().float().cpu()
-        return (mu - self.mean) / self.std
+        return self.normalize(self.encode_mu(video)).float().cpu()
 
     def stream(self) -> "StreamingDecoder":
         return StreamingDecoder(self)
@@ -131,8 +159,7 @@ class StreamingDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, z, t, h, w] -> frames [B, 3, T, H, W] in [-1, 1] (fp32, on CPU)."""
         m, v = self.vae.model, self.vae
-        z = latents.float() * v.std + v.mean
-        x = m.post_quant_conv(z.to(v.device, v.dtype))
+        x = m.post_quant_conv(v.denormalize(latents.to(v.device)).to(v.dtype))
         out = []
         for i in range(x.shape[2]):
             idx = [0]
@@ -143,8 +170,10 @@ class StreamingDecoder:
 
 
 def to_uint8_frames(frames: torch.Tensor) -> torch.Tensor:
-    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8."""
-    return ((frames.clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+    """[3, T, H, W] in [-1, 1] -> [T, H, W, 3] uint8, as the reference's save_video: clamp, (x + 1) / 2, * 255,
+    then TRUNCATED (the cast), not rounded, so frames equal the reference's bit for bit."""
+    x = (frames.float().clamp(-1, 1) + 1) / 2
+    return (x * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
 def vae_file(root: "str | Path") -> Optional[Path]:
