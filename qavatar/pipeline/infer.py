@@ -56,6 +56,8 @@ class InferRequest:
     prompt_cache: bool = True
     timeout_s: float = 600.0
     t5_precision: str = "bf16"  # the umT5 encoder on the CPU: bf16 or int8 (weight-only)
+    no_lora: bool = False  # run a bf16 checkpoint without liveavatar.safetensors (else its absence is an error)
+    noise: Optional[str] = None  # reference | cpu (pipeline/noise.py); default: reference on GPUs, cpu on the CPU
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Prepared:
     frames: int  # frames in the output
     audio_seconds: float
     runtime_quant: Optional[str]  # precision to quantize a bf16 checkpoint to while loading
+    noise: str = "cpu"  # how each clip's noise is drawn (pipeline/noise.py)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -152,7 +155,12 @@ def prepare(req: InferRequest) -> Prepared:
         raise MediaError(f"--out {out}: directory {out.parent} does not exist")
 
     parts = locate(req.checkpoint, req.encoders)
+    from ..checkpoint.load import require_lora
     from ..checkpoint.reader import CheckpointReader
+    from .noise import resolve_noise
+
+    require_lora(parts.dit, req.no_lora)
+    noise = resolve_noise(req.noise, device)
 
     cfg = from_wan_config(CheckpointReader(parts.dit).config, name=parts.dit.name)
     if cfg.num_heads % req.tp:
@@ -183,7 +191,7 @@ def prepare(req: InferRequest) -> Prepared:
     blocks = math.ceil(needed / block_frames)
     runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
     return Prepared(req, parts, cfg, device, height, width, clips, blocks, needed - DROP_FRAMES, seconds, runtime,
-                    notes + pnotes)
+                    noise, notes + pnotes)
 
 
 @dataclass
@@ -229,6 +237,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     from ..parallel.launch import init_tp
     from ..parallel.load import load_rank
     from ..quant import QuantConfig
+    from .noise import clip_noise
     from .progress import Progress
     from .vae import to_uint8_frames
     from .video_writer import Mp4Writer
@@ -243,7 +252,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
 
     side = _Host(prep, device, dtype) if host else None  # encoders first: a broken input fails before the DiT load
     t = time.perf_counter()
-    loaded = load_rank(prep.parts.dit, tp, dtype=dtype, device=device,
+    loaded = load_rank(prep.parts.dit, tp, dtype=dtype, device=device, lora=not req.no_lora,
                        quantize=QuantConfig(prep.runtime_quant) if prep.runtime_quant else None)
     res.load_seconds, res.bytes_read, res.held_bytes = time.perf_counter() - t, loaded.bytes_read, loaded.param_bytes
     model = loaded.model
@@ -271,8 +280,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
             t_clip = time.perf_counter()
             dit_s = 0.0
             audio = tp.broadcast(side.audio.clip(r) if host else None, src, device)
-            noise = torch.randn(1, cfg.in_dim, cfg.clip_latent_frames, h, w,
-                                generator=torch.Generator().manual_seed(req.seed + r))
+            noise = clip_noise(prep.noise, req.seed, r, cfg.in_dim, cfg.clip_latent_frames, h, w, device)
             new_ref = None
             for b in range(per_clip):
                 if block >= prep.blocks:
