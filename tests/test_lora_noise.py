@@ -230,3 +230,14 @@ def test_infer_draws_each_clips_noise_once_with_the_resolved_kind(no_lora_ckpt, 
     prep = prepare(InferRequest(str(no_lora_ckpt), str(IMAGE), str(SPEECH), "", str(tmp_path / "o.mp4"),
                                 device="cuda", no_lora=True, noise="cpu"))
     assert prep.noise == "cpu"
+
+
+def test_inspect_says_what_the_lora_does(toy_ckpt, no_lora_ckpt, tmp_path):
+    extras, _ = _replacements(toy_ckpt)
+    root = _lora_with_extras(toy_ckpt, tmp_path, extras)
+    r = runner.invoke(app, ["inspect", str(root)])
+    assert "52 targets, rank 8, alpha 4; replaces 3 parameter(s) whole" in r.output, r.output
+    base = quantize_checkpoint(no_lora_ckpt, tmp_path / "base-int8", QuantConfig("int8"), calibration="none",
+                               lora=False, log=lambda s: None).out
+    r = runner.invoke(app, ["inspect", str(base)])
+    assert "quantized without the LoRA (infer needs --no-lora)" in r.output, r.output
