@@ -240,14 +240,19 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
                                                         "(weight-only, 6.7 GB)."),
           timeout: float = typer.Option(600, help="Seconds a rank may wait on the others."),
           latents_out: Optional[Path] = typer.Option(None, "--latents-out", help="Also write the generated latents "
-                                                     "(every block, float32) to this safetensors file.")) -> None:
+                                                     "(every block, float32) to this safetensors file."),
+          no_lora: bool = typer.Option(False, "--no-lora", help="Run a bf16 checkpoint without the Live Avatar LoRA "
+                                                                "(the undistilled base model)."),
+          noise: Optional[str] = typer.Option(None, help="reference (the reference's bf16 CUDA draws; default on "
+                                                         "GPUs) | cpu (fp32 CPU generator; default on the CPU).")
+          ) -> None:
     """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""
     from .pipeline.infer import InferRequest, infer as run_infer
 
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
                        t5_precision=t5_precision, latents_out=str(latents_out) if latents_out else None, pp=pp,
-                       gpus=gpus)
+                       gpus=gpus, no_lora=no_lora, noise=noise)
     try:
         results = run_infer(req)
     except QavatarError as e:

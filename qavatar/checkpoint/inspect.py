@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ..errors import QavatarError
 from ..model import ModelConfig, from_wan_config, resolve_config
-from .load import find_dit_dir, find_lora, model_shapes
+from .load import find_dit_dir, find_lora, lora_merged, model_shapes
 from .lora import LoraAdapter
 from .reader import CheckpointReader
 from .writer import MANIFEST, verify_manifest
@@ -68,7 +68,8 @@ def inspect_checkpoint(path: "str | Path", config: Optional[str] = None, verify:
             lora = LoraAdapter(lora_path, default_alpha=cfg.lora_alpha if cfg else None)
             lora.validate({k: reader.shape(k) for k in reader.keys()})
             report["lora"] = {"path": str(lora_path), "targets": len(lora.targets), "rank": lora.rank,
-                              "alpha": next(iter(lora.targets.values())).alpha, "valid": True}
+                              "alpha": next(iter(lora.targets.values())).alpha if lora.targets else None,
+                              "replaces": len(lora.replacements), "valid": True}
         except QavatarError as e:
             report["lora"] = {"path": str(lora_path), "valid": False, "error": str(e)}
     report["manifest"] = {"present": reader.has_manifest}
@@ -115,13 +116,17 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         lines += _quant_lines(q)
     lora = r.get("lora")
-    if lora is None and q:
+    if lora is None and q and not lora_merged(q):
+        lines.append("lora        none: quantized without the LoRA (infer needs --no-lora)")
+    elif lora is None and q:
         lines.append("lora        merged before quantization" + (f" ({q.get('qavatar', {}).get('lora')})"
                                                                  if q.get("qavatar", {}).get("lora") else ""))
     elif lora is None:
         lines.append("lora        none found next to the checkpoint")
     elif lora["valid"]:
-        lines.append(f"lora        {lora['path']}: {lora['targets']} targets, rank {lora['rank']}, alpha {lora['alpha']:g}")
+        alpha = f", alpha {lora['alpha']:g}" if lora["alpha"] is not None else ""
+        extra = f"; replaces {lora['replaces']} parameter(s) whole" if lora.get("replaces") else ""
+        lines.append(f"lora        {lora['path']}: {lora['targets']} targets, rank {lora['rank']}{alpha}{extra}")
     else:
         lines.append(f"lora        INVALID: {lora['error']}")
     m = r["manifest"]

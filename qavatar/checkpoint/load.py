@@ -5,12 +5,14 @@ so no second copy of the weights ever exists.
 """
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LoraError
 from ..model import LiveAvatarDiT, ModelConfig, build_model, from_wan_config
 from ..parallel import SINGLE, TPGroup
 from .lora import LoraAdapter, MergedWeights
@@ -36,10 +38,49 @@ def find_dit_dir(path: "str | Path") -> Path:
 
 def find_lora(dit_dir: Path) -> Optional[Path]:
     """liveavatar.safetensors next to the DiT (ckpt/LiveAvatar/) or inside it; None if there is none."""
-    for p in (dit_dir.parent / LORA_RELPATH, dit_dir / LORA_RELPATH.name, dit_dir / LORA_RELPATH):
+    for p in lora_places(dit_dir):
         if p.is_file():
             return p
     return None
+
+
+def lora_places(dit_dir: Path) -> list[Path]:
+    return [dit_dir.parent / LORA_RELPATH, dit_dir / LORA_RELPATH.name, dit_dir / LORA_RELPATH]
+
+
+def missing_lora_error(dit_dir: Path) -> LoraError:
+    where = ", ".join(str(p.parent) for p in lora_places(dit_dir)[:2])
+    return LoraError(f"LoRA not found: expected {LORA_RELPATH.as_posix()} (the distilled Live Avatar LoRA, Hub "
+                     f"Quark-Vision/Live-Avatar) in {where}; without it the 4-step sampler gives unusable video. "
+                     f"Put it there (quantize also takes --lora FILE), or pass --no-lora to run the base model anyway")
+
+
+def lora_merged(quantization_config: dict) -> bool:
+    """Whether a quantized checkpoint has the LoRA merged in. Recorded by `qavatar quantize` as lora_merged
+    (older checkpoints: the LoRA path, None when quantized without it); unknown writers count as merged."""
+    info = quantization_config.get("qavatar") or {}
+    if "lora_merged" in info:
+        return bool(info["lora_merged"])
+    return info.get("lora") is not None if "lora" in info else True
+
+
+def require_lora(dit_dir: Path, no_lora: bool = False) -> Optional[Path]:
+    """The LoRA a run of this DiT directory needs (None: none needed, or --no-lora); raises when it is missing.
+
+    A quantized checkpoint carries its LoRA merged; one quantized without the LoRA needs --no-lora too."""
+    qc = (CheckpointReader(dit_dir).config or {}).get("quantization_config")
+    if qc is not None:
+        if not no_lora and not lora_merged(qc):
+            raise LoraError(f"{dit_dir} was quantized without the Live Avatar LoRA (the undistilled base model, "
+                            f"unusable with the 4-step sampler); re-quantize with {LORA_RELPATH.as_posix()} next to "
+                            f"the source, or pass --no-lora to run it anyway")
+        return None
+    if no_lora:
+        return None
+    path = find_lora(dit_dir)
+    if path is None:
+        raise missing_lora_error(dit_dir)
+    return path
 
 
 def model_shapes(cfg: ModelConfig, tp: TPGroup = SINGLE, quantization: Optional[dict] = None,
@@ -99,6 +140,9 @@ def open_weights(path: "str | Path", lora: "str | Path | bool | None" = True,
     weights: Weights = reader
     if lora_path is not None:
         weights = MergedWeights(reader, LoraAdapter(lora_path, alpha=lora_alpha, default_alpha=config.lora_alpha))
+        if weights.replaced and os.environ.get("RANK", "0") == "0":
+            print(f"qavatar: {len(weights.replaced)} parameter(s) replaced by full tensors from {lora_path.name} "
+                  f"(non-LoRA keys, loaded as the reference does)", file=sys.stderr)
     return weights, config, lora_path
 
 

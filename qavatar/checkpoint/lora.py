@@ -4,6 +4,11 @@ Keys follow PEFT: `[base_model.model.]<module>.lora_A[.<adapter>].weight` ([rank
 kohya's lora_down/lora_up/alpha names are read too. W' = W + (alpha / rank) * B @ A, accumulated in fp32 and
 cast back to W's dtype. The merge works on slices as well, so a tensor-parallel rank merges only its rows
 (column-parallel: B[rows] @ A) or columns (row-parallel: B @ A[:, cols]) and never builds a full weight.
+
+Other tensors in the file that name a model parameter (after the PEFT prefix, and PEFT's `base_layer.` of a
+wrapped Linear) replace that parameter before the merge: the reference loads the whole file into the PEFT
+model with strict=False (load_lora_weight_only=False). They must have the parameter's shape; an unknown name
+or a wrong shape is an error, where the reference would skip the name silently.
 """
 from __future__ import annotations
 
@@ -30,6 +35,11 @@ def _strip(key: str) -> str:
     return key
 
 
+def _param_name(key: str) -> str:
+    """A non-LoRA key -> the model parameter it names (PEFT wraps a targeted Linear as `<m>.base_layer`)."""
+    return _strip(key).replace(".base_layer.", ".")
+
+
 @dataclass
 class LoraTarget:
     module: str
@@ -53,6 +63,7 @@ class LoraAdapter:
         file_alpha = meta.get("lora_alpha") or meta.get("alpha")
         pairs: dict[str, dict[str, str]] = {}
         alphas: dict[str, float] = {}
+        self.replacements: dict[str, str] = {}  # model parameter -> file key of a full tensor that replaces it
         for key in self.reader.keys():
             m = _KEY.match(key)
             if m:
@@ -65,8 +76,11 @@ class LoraAdapter:
             elif (a := _ALPHA.match(key)) is not None:
                 alphas[_strip(a["module"])] = float(self.reader.get(key).float().item())
             else:
-                raise LoraError(f"{self.path}: unexpected key {key!r} (not a LoRA A/B/alpha tensor)")
-        if not pairs:
+                name = _param_name(key)
+                if name in self.replacements:
+                    raise LoraError(f"{self.path}: {self.replacements[name]!r} and {key!r} both name {name}")
+                self.replacements[name] = key
+        if not pairs and not self.replacements:
             raise LoraError(f"{self.path}: no LoRA tensors (expected PEFT keys like '<module>.lora_A.weight')")
         self.targets: dict[str, LoraTarget] = {}
         for module, slot in sorted(pairs.items()):
@@ -87,14 +101,24 @@ class LoraAdapter:
 
     @property
     def rank(self) -> int:
-        return max(t.rank for t in self.targets.values())
+        return max((t.rank for t in self.targets.values()), default=0)
 
     @property
     def bytes_read(self) -> int:
         return self.reader.bytes_read
 
     def validate(self, base_shapes: dict[str, tuple[int, ...]]) -> None:
-        """Every target must be a 2-D weight of the base model with matching in/out sizes."""
+        """Every target must be a 2-D weight of the base model with matching in/out sizes, and every
+        replacement a parameter of the model with its shape."""
+        bad = []
+        for name, key in sorted(self.replacements.items()):
+            if name not in base_shapes:
+                bad.append(f"{key} (no such model parameter)")
+            elif tuple(self.reader.shape(key)) != tuple(base_shapes[name]):
+                bad.append(f"{key} {list(self.reader.shape(key))} (the model's {name} is {list(base_shapes[name])})")
+        if bad:
+            raise LoraError(f"{self.path}: {len(bad)} tensor(s) are neither LoRA factors nor a model parameter of the "
+                            f"same shape: {'; '.join(bad[:5])}" + (" ..." if len(bad) > 5 else ""))
         for t in self.targets.values():
             key = f"{t.module}.weight"
             if key not in base_shapes:
@@ -126,6 +150,24 @@ class MergedWeights:
         lora.validate({k: base.shape(k) for k in base.keys()})
         self.base, self.lora = base, lora
         self._targets = {f"{m}.weight": m for m in lora.targets}
+        self._replaced = lora.replacements  # parameter -> key in the LoRA file
+
+    @property
+    def replaced(self) -> list[str]:
+        """Model parameters taken whole from the LoRA file instead of the base checkpoint."""
+        return sorted(self._replaced)
+
+    def raw(self, key: str) -> torch.Tensor:
+        """The tensor before the merge: the base's, or its replacement from the LoRA file (in the base dtype,
+        as load_state_dict copies it into the parameter)."""
+        if key in self._replaced:
+            return self.lora.reader.get(self._replaced[key]).to(self.base.dtype(key))
+        return self.base.get(key)
+
+    def raw_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        if key in self._replaced:
+            return self.lora.reader.get_slice(self._replaced[key], dim, start, stop).to(self.base.dtype(key))
+        return self.base.get_slice(key, dim, start, stop)
 
     def keys(self) -> list[str]:
         return self.base.keys()
@@ -149,13 +191,13 @@ class MergedWeights:
 
     def get(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The merged tensor, cast back to the base dtype (or to `dtype`: fp32 keeps the merge unrounded)."""
-        w = self.base.get(key)
+        w = self.raw(key)
         if key not in self._targets:
             return w if dtype is None else w.to(dtype)
         return (w.float() + self.lora.delta(self._targets[key])).to(dtype or w.dtype)
 
     def get_slice(self, key: str, dim: int, start: int, stop: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        w = self.base.get_slice(key, dim, start, stop)
+        w = self.raw_slice(key, dim, start, stop)
         if key not in self._targets:
             return w if dtype is None else w.to(dtype)
         return (w.float() + self.lora.delta(self._targets[key], dim, start, stop)).to(dtype or w.dtype)

@@ -15,8 +15,10 @@ from ..errors import CheckpointError
 
 _REPO = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
 # what loading needs (not calibration_stats.safetensors, which only re-quantizing uses)
+# (a bf16 DiT needs its LoRA: fetched too when the repo holds it, where checkpoint.load.find_lora looks)
 WEIGHTS = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-           MANIFEST, "quantization_report.json", "README.md"]
+           MANIFEST, "quantization_report.json", "README.md", "liveavatar.safetensors",
+           "LiveAvatar/liveavatar.safetensors"]
 
 
 # the non-DiT parts of the Wan2.2-S2V-14B layout, for `infer --encoders ORG/NAME` (no DiT shards)

@@ -57,6 +57,8 @@ class InferRequest:
     pp: int = 1  # pipeline stages (layer ranges of the DiT); pp * tp ranks in all
     gpus: Optional[int] = None  # ranks to use; with tp = pp = 1 the planner picks the layout (`--layout auto`)
     latents_out: Optional[str] = None  # also write the generated latents here (safetensors, host rank)
+    no_lora: bool = False  # run a bf16 checkpoint without liveavatar.safetensors (else its absence is an error)
+    noise: Optional[str] = None  # reference | cpu (pipeline/noise.py); default: reference on GPUs, cpu on the CPU
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Prepared:
     frames: int  # frames in the output
     audio_seconds: float
     runtime_quant: Optional[str]  # precision to quantize a bf16 checkpoint to while loading
+    noise: str = "cpu"  # how each clip's noise is drawn (pipeline/noise.py)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -163,8 +166,13 @@ def prepare(req: InferRequest) -> Prepared:
     check_latents_out(req.latents_out)
 
     parts = locate(req.checkpoint, req.encoders)
+    from ..checkpoint.load import require_lora
     from ..checkpoint.reader import CheckpointReader
     from ..quant.config import check_sample_steps, static_scale_slots
+    from .noise import resolve_noise
+
+    require_lora(parts.dit, req.no_lora)
+    noise = resolve_noise(req.noise, device)
 
     reader = CheckpointReader(parts.dit)
     cfg = from_wan_config(reader.config, name=parts.dit.name)
@@ -197,7 +205,7 @@ def prepare(req: InferRequest) -> Prepared:
     runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
     req, lnotes = resolve_layout(req, cfg, runtime or parts.precision, (height, width), device)
     return Prepared(req, parts, cfg, device, height, width, plan.clips, plan.blocks, plan.frames, seconds, runtime,
-                    notes + pnotes + lnotes)
+                    noise, notes + pnotes + lnotes)
 
 
 def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tuple[int, int],
@@ -291,6 +299,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     from ..quant import QuantConfig
     from .latents_out import open_for_run
     from .clips import FrameStream
+    from .noise import clip_noise
     from .progress import Progress
     from .vae import to_uint8_frames
     from .video_writer import Mp4Writer
@@ -304,7 +313,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
 
     side = _Host(prep, device, dtype) if host else None  # encoders first: a broken input fails before the DiT load
     t = time.perf_counter()
-    loaded = load_rank(prep.parts.dit, tp, dtype=dtype, device=device,
+    loaded = load_rank(prep.parts.dit, tp, dtype=dtype, device=device, lora=not req.no_lora,
                        quantize=QuantConfig(prep.runtime_quant) if prep.runtime_quant else None,
                        stage=(pipe.layers, pipe.first, pipe.last) if pipe else None)
     res.load_seconds, res.bytes_read, res.held_bytes = time.perf_counter() - t, loaded.bytes_read, loaded.param_bytes
@@ -318,7 +327,8 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
         context = tp.broadcast(side.context if host else None, src, device).float()[None]
         ref = tp.broadcast(side.ref if host else None, src, device).float()
         motion = tp.broadcast(side.motion if host else None, src, device).float()
-        inputs = BlockInputs(_per_clip(lambda r: _clip_noise(prep, r), per_clip),
+        inputs = BlockInputs(_per_clip(lambda r: clip_noise(prep.noise, req.seed, r, cfg.in_dim, cfg.clip_latent_frames,
+                                                            *prep.latent_hw, device), per_clip),
                              _per_clip(lambda r: tp.broadcast(side.audio.clip(r) if host else None, src, device),
                                        per_clip, slice_audio=True, fpb=cfg.num_frames_per_block),
                              rolled_condition(ref, motion))
@@ -382,13 +392,6 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     if prep.device == "cuda":
         res.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     return res
-
-
-def _clip_noise(prep: Prepared, r: int) -> torch.Tensor:
-    """Clip r's noise [1, C, clip_latent_frames, h, w], drawn from seed + r."""
-    h, w = prep.latent_hw
-    return torch.randn(1, prep.cfg.in_dim, prep.cfg.clip_latent_frames, h, w,
-                       generator=torch.Generator().manual_seed(prep.request.seed + r))
 
 
 def _per_clip(draw: Callable[[int], torch.Tensor], per_clip: int, slice_audio: bool = False,

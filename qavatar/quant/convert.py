@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint import TensorSpec, atomic_directory, check_keys, open_weights, write_manifest
-from ..checkpoint.load import find_dit_dir, model_shapes
+from ..checkpoint.load import find_dit_dir, missing_lora_error, model_shapes
 from ..checkpoint.lora import MergedWeights
 from ..checkpoint.writer import ShardedWriter, sha256_file
 from ..errors import CalibrationError, ConfigError, writing_to
@@ -108,7 +108,7 @@ class _Source:
         self.sha256 = hashlib.sha256()
 
     def raw(self, key: str) -> torch.Tensor:
-        t = self.base.get(key)
+        t = self.merged.raw(key) if self.merged else self.base.get(key)  # a LoRA-file replacement, if any
         self.sha256.update(key.encode())
         if t.numel():
             self.sha256.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -288,10 +288,13 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
     raw_config = (weights.base if isinstance(weights, MergedWeights) else weights).config
     if raw_config and "quantization_config" in raw_config:
         raise ConfigError(f"{dit_dir} is already quantized; quantize the bf16 checkpoint")
+    if lora is True and lora_path is None:
+        raise missing_lora_error(dit_dir)  # lora=False quantizes the base weights alone, on purpose
     check_keys(weights, model_shapes(cfg), str(dit_dir))
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     info: dict = {"source": str(dit_dir), "lora": str(lora_path) if lora_path else None,
-                  "lora_sha256": sha256_file(lora_path) if lora_path else None}
+                  "lora_sha256": sha256_file(lora_path) if lora_path else None,
+                  "lora_merged": lora_path is not None}  # infer needs no LoRA for it (checkpoint.load.require_lora)
     log(f"source {dit_dir}" + (f" + LoRA {lora_path} (merged in fp32)" if lora_path else " (no LoRA)"))
     result: Optional[CalibrationResult] = None
     if calibration == "none":
