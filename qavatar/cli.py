@@ -211,13 +211,14 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           no_prompt_cache: bool = typer.Option(False, "--no-prompt-cache", help="Encode the prompt even if cached."),
           t5_precision: str = typer.Option("bf16", help="umT5 encoder weights: bf16 (11.4 GB of RAM) or int8 "
                                                         "(weight-only, 6.7 GB)."),
-          timeout: float = typer.Option(600, help="Seconds a rank may wait on the others.")) -> None:
+          timeout: float = typer.Option(600, help="Seconds a rank may wait on the others."),
+          overwrite: bool = typer.Option(False, help="Replace --out if it exists.")) -> None:
     """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""
     from .pipeline.infer import InferRequest, infer as run_infer
 
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
-                       t5_precision=t5_precision)
+                       t5_precision=t5_precision, overwrite=overwrite)
     try:
         results = run_infer(req)
     except QavatarError as e:
@@ -263,9 +264,11 @@ def demo(out: Path = typer.Option(Path("qavatar-demo/demo.mp4"), help="The demo 
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        from .leftovers import Terminated
+
+        typer.echo("terminated" if isinstance(e, Terminated) else "interrupted", err=True)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..checkpoint.integrity import screen_weight
 from ..checkpoint.load import check_keys, find_dit_dir, model_shapes, open_weights
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
@@ -63,7 +64,12 @@ def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float3
             if isinstance(mod, QuantLinear):
                 keep |= {f"{name}.{b}" for b in ("weight", "weight_scale", "input_scale", "smooth_scale")}
     state = {}
-    for key, meta in model.state_dict().items():
+    base = getattr(weights, "base", weights)
+    hashing = tp.size == 1 and base.verify_while_reading()  # a whole read: checked against the manifest on the way
+    order = {k: i for i, k in enumerate(weights.keys())}  # file order, so the hash streams
+    metas = model.state_dict()
+    for key in sorted(metas, key=lambda k: order.get(k, -1)):
+        meta = metas[key]
         if key.endswith(".weight_scale") and key[: -len(".weight_scale")] in at_load:
             continue  # made with its weight, below
         dim = shard_dim(key)
@@ -72,12 +78,15 @@ def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float3
         else:
             start, stop = shard_range(key, stored[key][dim], tp)
             t = weights.get_slice(key, dim, start, stop)
+        screen_weight(weights, key, t)  # this rank's slice, as read: NaN/Inf or a corrupt magnitude stop here
         if key.endswith(".weight") and key[: -len(".weight")] in at_load:
             t, state[f"{key}_scale"] = _quantize_slice(t, quantize, tp if dim == 1 else None, device)
         if tuple(t.shape) != tuple(meta.shape):
             raise CheckpointError(f"{dit_dir}: {key} slice for rank {tp.rank}/{tp.size} is {list(t.shape)}, "
                                   f"the model expects {list(meta.shape)}")
         state[key] = t.to(device=device, dtype=None if key in keep else dtype)
+    if hashing:
+        base.finish_verification()
     model.load_state_dict(state, assign=True, strict=True)
     held = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return RankLoad(model.eval(), weights.bytes_read, held, qc is not None or quantize is not None)

@@ -80,6 +80,16 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from ..errors import QavatarError
+
+    try:
+        return _main(argv)
+    except QavatarError as e:  # one line, exit 2, as the qavatar CLI does
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--tp", type=int, default=1)

@@ -56,6 +56,7 @@ class InferRequest:
     prompt_cache: bool = True
     timeout_s: float = 600.0
     t5_precision: str = "bf16"  # the umT5 encoder on the CPU: bf16 or int8 (weight-only)
+    overwrite: bool = False  # replace an existing --out
 
 
 @dataclass
@@ -182,6 +183,10 @@ def prepare(req: InferRequest) -> Prepared:
     needed = min(clips * clip_frames, covered)
     blocks = math.ceil(needed / block_frames)
     runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
+    from ..preflight import check_output, check_weights
+
+    check_weights(parts.dit)  # config, LoRA and manifest sizes, from headers: before minutes of encoders
+    check_output(req.out, req.overwrite)  # exists without --overwrite, not writable; stale leftovers removed
     return Prepared(req, parts, cfg, device, height, width, clips, blocks, needed - DROP_FRAMES, seconds, runtime,
                     notes + pnotes)
 
@@ -259,6 +264,9 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     h, w = prep.latent_hw
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
     writer = decoder = None
+    from ..leftovers import install_terminate_handler
+
+    restore_signal = install_terminate_handler()  # SIGTERM raises, so the partial mp4 below is removed
     if host:
         res.encode_seconds = side.encode_seconds
         decoder = side.vae.stream()
@@ -306,6 +314,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
         raise
     finally:
         progress.close()
+        restore_signal()
     res.seconds = time.perf_counter() - t_start
     if prep.device == "cuda":
         res.peak_gpu_bytes = torch.cuda.max_memory_allocated()
@@ -323,4 +332,10 @@ def infer(req: InferRequest, on_frames: Optional[Callable[[torch.Tensor], None]]
         return [run_rank(int(os.environ["RANK"]), prep, on_frames)]
     if req.tp == 1:
         return [run_rank(0, prep, on_frames)]
-    return spawn_ranks(run_rank, req.tp, args=(prep,), timeout_s=req.timeout_s)
+    from ..leftovers import install_terminate_handler
+
+    restore = install_terminate_handler()  # SIGTERM: the ranks are stopped (and clean up) before we exit
+    try:
+        return spawn_ranks(run_rank, req.tp, args=(prep,), timeout_s=req.timeout_s)
+    finally:
+        restore()
