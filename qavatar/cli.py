@@ -262,13 +262,16 @@ def demo(out: Path = typer.Option(Path("qavatar-demo/demo.mp4"), help="The demo 
 
 
 def main() -> None:
+    from .leftovers import Terminated
+
     try:
         app()
-    except KeyboardInterrupt as e:
-        from .leftovers import Terminated
-
-        typer.echo("terminated" if isinstance(e, Terminated) else "interrupted", err=True)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Terminated:
+        typer.echo("terminated (SIGTERM); partial outputs were removed", err=True)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

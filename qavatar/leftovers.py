@@ -1,8 +1,8 @@
 """Hidden work files (`.OUT.partial-PID-XXXX`, `.OUT.old-PID-XXXX`, `.OUT.mp4.partial-PID`) never outlive their run.
 
 Each carries the id of the process that made it. The process removes it on every exit path it controls:
-exceptions (the writers' own `except BaseException`), and SIGTERM, which `terminate_raises` turns into an
-exception (`Terminated`, a KeyboardInterrupt) for as long as the work runs. What a SIGKILL or a power cut
+exceptions (the writers' own `except BaseException`), and SIGTERM, which `install_terminate_handler` turns into an
+exception (`Terminated`) for as long as the work runs. What a SIGKILL or a power cut
 leaves is removed by the next run writing the same output, once the process that made it is gone
 (`remove_stale`), with a one-line note.
 """
@@ -21,8 +21,10 @@ from typing import Callable, Optional
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-[0-9a-f]{8})?$")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that cleanup code runs (the CLI exits 143)."""
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup code (`finally`, `except BaseException`) runs; not an
+    Exception, so nothing mistakes it for an error to handle, and not a KeyboardInterrupt, which typer turns
+    into exit 130. The CLI prints one line and exits 143 (128 + SIGTERM), as a process killed by it would."""
 
 
 def hidden_path(out: Path, kind: str) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -72,13 +73,14 @@ def screen(key: str, t: torch.Tensor, where: "str | Path", merged: Optional["str
     if nonfinite(t):
         raise CheckpointError(f"{key} holds NaN or Inf ({where}{via}); the checkpoint is damaged: re-download or "
                               f"re-create it")
-    if plausibility and not key.endswith(_QUANT_AUX):
+    if plausibility and not key.endswith(_QUANT_AUX) and os.environ.get("QAVATAR_NO_PLAUSIBILITY") != "1":
         bad = implausible(t)
         if bad is not None:
             idx, value, scale = bad
             raise CheckpointError(
                 f"{key} holds {value:g} at flat index {idx}, {abs(value) / scale:.0f}x its typical magnitude "
-                f"{scale:.3g} ({where}{via}): the file is corrupt (a damaged byte?); re-download or re-create it")
+                f"{scale:.3g} ({where}{via}): the file is corrupt (a damaged byte?); re-download or re-create it "
+                f"(QAVATAR_NO_PLAUSIBILITY=1 skips this check)")
 
 
 def screen_weight(weights, key: str, t: torch.Tensor) -> None:

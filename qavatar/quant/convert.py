@@ -320,11 +320,16 @@ def source_record(dit_dir: Path) -> dict:
     from ..checkpoint.writer import MANIFEST
     from ..pipeline.components import encoder_fingerprint
 
+    import os
+
     root = Path(dit_dir).resolve()
-    return {"source": str(root),
-            "source_check": "sha256 against its " + MANIFEST if (root / MANIFEST).is_file() else
-            "plausibility (no manifest): finite, no weight beyond the magnitude limit",
-            "source_encoders": encoder_fingerprint(root)}
+    if (root / MANIFEST).is_file():
+        check = "sha256 against its " + MANIFEST
+    elif os.environ.get("QAVATAR_NO_PLAUSIBILITY") == "1":
+        check = "finite only (no manifest; plausibility check skipped by QAVATAR_NO_PLAUSIBILITY=1)"
+    else:
+        check = "plausibility (no manifest): finite, no weight beyond the magnitude limit"
+    return {"source": str(root), "source_check": check, "source_encoders": encoder_fingerprint(root)}
 
 
 def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfig,
