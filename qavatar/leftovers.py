@@ -1,10 +1,10 @@
 """Hidden work files (`.OUT.partial-PID-XXXX`, `.OUT.old-PID-XXXX`, `.OUT.mp4.partial-PID`) never outlive their run.
 
 Each carries the id of the process that made it. The process removes it on every exit path it controls:
-exceptions (the writers' own `except BaseException`), and SIGTERM, which `install_terminate_handler` turns into an
-exception (`Terminated`) for as long as the work runs. What a SIGKILL or a power cut
-leaves is removed by the next run writing the same output, once the process that made it is gone
-(`remove_stale`), with a one-line note.
+exceptions (the writers' own `except BaseException`), and SIGTERM, which `install_terminate_handler` turns
+into an exception (`Terminated`) for as long as the work runs. What a SIGKILL or a power cut leaves is
+removed by the next run writing the same output, once the process that made it is gone (`remove_stale`),
+with a one-line note.
 """
 from __future__ import annotations
 

@@ -77,6 +77,10 @@ def test_nan_weight_is_refused_at_load_naming_tensor_and_file(toy_ckpt, tmp_path
     shard = CheckpointReader(dit).file_of(KEY)
     with pytest.raises(CheckpointError, match=rf"{KEY} holds NaN or Inf \({shard}"):
         load_rank(src, TPGroup())
+    from qavatar.checkpoint import load_dit
+
+    with pytest.raises(CheckpointError, match=rf"{KEY} holds NaN or Inf \({shard}, after merging the LoRA"):
+        load_dit(src)  # the Python API too
     inf_src = _copy(toy_ckpt, tmp_path, "inf")
     _poke(inf_src / "Wan2.2-S2V-14B", "blocks.0.self_attn.o.bias", 0, lambda b: 0xFF80)  # -Inf, a 1-D tensor
     with pytest.raises(CheckpointError, match=r"blocks.0.self_attn.o.bias holds NaN or Inf"):
