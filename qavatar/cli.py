@@ -244,15 +244,15 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           no_lora: bool = typer.Option(False, "--no-lora", help="Run a bf16 checkpoint without the Live Avatar LoRA "
                                                                 "(the undistilled base model)."),
           noise: Optional[str] = typer.Option(None, help="reference (the reference's bf16 CUDA draws; default on "
-                                                         "GPUs) | cpu (fp32 CPU generator; default on the CPU).")
-          ) -> None:
+                                                         "GPUs) | cpu (fp32 CPU generator; default on the CPU)."),
+          overwrite: bool = typer.Option(False, help="Replace --out if it exists.")) -> None:
     """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""
     from .pipeline.infer import InferRequest, infer as run_infer
 
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
                        t5_precision=t5_precision, latents_out=str(latents_out) if latents_out else None, pp=pp,
-                       gpus=gpus, no_lora=no_lora, noise=noise)
+                       gpus=gpus, no_lora=no_lora, noise=noise, overwrite=overwrite)
     try:
         results = run_infer(req)
     except QavatarError as e:
@@ -296,11 +296,16 @@ def demo(out: Path = typer.Option(Path("qavatar-demo/demo.mp4"), help="The demo 
 
 
 def main() -> None:
+    from .leftovers import Terminated
+
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        typer.echo("terminated (SIGTERM); partial outputs were removed", err=True)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def run_demo(out: "str | Path" = "qavatar-demo/demo.mp4", seed: int = 0,
              f"--device cpu --out {out}")
     t = time.perf_counter()
     results = infer(InferRequest(str(fp8), str(PORTRAIT), str(SPEECH), PROMPT, str(out), tp=TP, seed=seed,
-                                 device="cpu", quiet=quiet, timeout_s=300))
+                                 device="cpu", quiet=quiet, timeout_s=300, overwrite=True))
     host = next(r for r in results if r.host)
     clips = ", ".join(f"{c:.1f}" for c in host.clip_seconds)
     print_fn(f"      {host.frames} frames ({host.frames / 25:.2f} s at 25 fps) in {time.perf_counter() - t:.1f} s "

@@ -247,7 +247,7 @@ def test_a_failure_mid_run_leaves_out_alone(ckpts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(StreamingSession, "denoise_block", flaky)
     with pytest.raises(RuntimeError, match="block 3"):
-        _run(ckpts["bf16"], out)
+        _run(ckpts["bf16"], out, overwrite=True)
     assert out.read_bytes() == b"the previous video" and not list(tmp_path.glob(".*partial*"))
 
 

@@ -170,5 +170,7 @@ def _quant_lines(q: dict[str, Any]) -> list[str]:
                      f" sha256 {qa.get('calibration_manifest_sha256', '')[:12]})")
     else:
         lines.append("  calib     none (dynamic scheme converted without calibration)")
-    lines.append(f"  source    sha256 {qa.get('source_sha256', '')[:12]}, qavatar {qa.get('qavatar_version')}")
+    lines.append(f"  source    sha256 {qa.get('source_sha256', '')[:12]}, qavatar {qa.get('qavatar_version')}"
+                 + (f"; source checked: {qa['source_check']}" if qa.get("source_check") else
+                    "; source not checked (written by an older qavatar)"))
     return lines

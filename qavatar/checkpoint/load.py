@@ -172,8 +172,14 @@ def load_dit(path: "str | Path", dtype: torch.dtype = torch.float32, device: "st
                            {k: tuple(weights.shape(k)) for k in weights.keys()}, dtype)
     expected = model.state_dict()
     check_keys(weights, {k: tuple(v.shape) for k, v in expected.items()}, str(dit_dir))
+    from .integrity import screen_weight
+
     keep = _stored_dtype_keys(model)
-    state = {k: weights.get(k).to(device=device, dtype=None if k in keep else dtype) for k in expected}
+    state = {}
+    for k in expected:
+        t = weights.get(k)
+        screen_weight(weights, k, t)  # NaN/Inf or a corrupt magnitude, named with its file
+        state[k] = t.to(device=device, dtype=None if k in keep else dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 

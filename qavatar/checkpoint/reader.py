@@ -69,7 +69,7 @@ class CheckpointReader:
             entries, meta, start = read_header(f)
             self.metadata[f.name] = meta
             self._data_start[f] = start
-            for key, e in entries.items():
+            for key, e in sorted(entries.items(), key=lambda kv: kv[1].begin):  # file order: reads stream
                 if weight_map is not None and weight_map.get(key) != f.name:
                     raise CheckpointError(f"{f}: holds {key!r}, which {self.index_path.name} "
                                           f"{'puts in ' + weight_map[key] if key in weight_map else 'does not list'}")
@@ -83,6 +83,7 @@ class CheckpointReader:
                                       f"(and {len(lost) - 1} more) promised by {self.index_path.name}")
         self._handles: dict[Path, BinaryIO] = {}
         self.bytes_read = 0
+        self._hashes: dict[Path, "StreamHash"] = {}
 
     # -------------------------------------------------------------- metadata
     def keys(self) -> list[str]:
@@ -127,15 +128,55 @@ class CheckpointReader:
     def has_manifest(self) -> bool:
         return (self.directory / MANIFEST).is_file()
 
+    # -------------------------------------------------------------- manifest hashes, computed while reading
+    def verify_while_reading(self) -> bool:
+        """Hash every weight file as its tensors are read (in file order: no second pass) and raise as soon as
+        a completely read file differs from the manifest. Sizes are checked now. False when there is no manifest."""
+        from .integrity import StreamHash, manifest_hashes
+
+        listed = manifest_hashes(self.directory)
+        if listed is None:
+            return False
+        for f in self.files:
+            rel = f.relative_to(self.directory).as_posix() if f.is_relative_to(self.directory) else f.name
+            if rel not in listed:
+                raise CheckpointError(f"{f}: not listed in {self.directory / MANIFEST}; the checkpoint was changed "
+                                      f"after it was written")
+            size = f.stat().st_size
+            if size != listed[rel]["bytes"]:
+                raise CheckpointError(f"{f}: {size} bytes, {MANIFEST} says {listed[rel]['bytes']}; re-download it")
+            self._hashes[f] = StreamHash(f, listed[rel]["sha256"], size)
+            with open(f, "rb") as fh:  # the header (read at open, before hashing started)
+                self._hashes[f].feed(fh, 0, fh.read(self._data_start[f]))
+        return True
+
+    def unverified(self) -> list[Path]:
+        """Files being hashed whose bytes were not all read (so not yet checked)."""
+        return [f for f, h in self._hashes.items() if not h.done]
+
+    def finish_verification(self) -> None:
+        """Hash what was not read (none, after a full read in file order) and check every file."""
+        for f, h in self._hashes.items():
+            if not h.done:
+                with open(f, "rb") as fh:
+                    h.feed(fh, h.size, b"")  # hashes the gap up to the end, then compares
+
+    @property
+    def hash_extra_bytes(self) -> int:
+        return sum(h.extra_bytes for h in self._hashes.values())
+
     # -------------------------------------------------------------- tensors
     def _read(self, f: Path, offset: int, buf: memoryview) -> None:
         if f not in self._handles:
             self._handles[f] = open(f, "rb")
         fh = self._handles[f]
-        fh.seek(self._data_start[f] + offset)
+        at = self._data_start[f] + offset
+        fh.seek(at)
         if fh.readinto(buf) != len(buf):
             raise CheckpointError(f"{f}: truncated while reading (file changed on disk?)")
         self.bytes_read += len(buf)
+        if f in self._hashes:
+            self._hashes[f].feed(fh, at, buf)
 
     def get(self, key: str) -> torch.Tensor:
         f, e = self._entry(key)

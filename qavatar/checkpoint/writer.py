@@ -37,31 +37,44 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(out: "str | Path", overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` when the block exits without an exception."""
+    """Yield a temporary directory that becomes `out` when the block exits without an exception.
+
+    The temporary (`.NAME.partial-PID-XXXX`) and the replaced output (`.NAME.old-PID-XXXX`) are removed on
+    every exit, SIGTERM included; ones left by a killed earlier run are removed first (qavatar/leftovers.py)."""
+    from ..leftovers import hidden_path, install_terminate_handler, remove, remove_stale
+
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    remove_stale(out)
+    tmp = hidden_path(out, "partial")
+    restore = install_terminate_handler()
+    old: Optional[Path] = None
     try:
+        tmp.mkdir()
         yield tmp
         _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists() or out.is_symlink():
+            old = hidden_path(out, "old")
             out.rename(old)
             try:
                 tmp.rename(out)
             except BaseException:
                 old.rename(out)
+                old = None
                 raise
-            shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
         _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                remove(old)  # a file or a directory
+        finally:
+            restore()
 
 
 def atomic_write_bytes(path: "str | Path", data: bytes) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .dit import LiveAvatarDiT
+from .finite import watch_layers
 from .kv_cache import RollingKVCache, SinkCache
 from .step_context import sampler_slot
 
@@ -130,9 +131,10 @@ class StreamingSession:
             offset = int(self.sink_offset())
             shift = max(0, self.next_frame - (self.cfg.ref_rope_frame - offset))
             t_in, x_in = t.expand(self.batch, frames).to(self.model.device), x
-            with sampler_slot(i):
+            with sampler_slot(i), watch_layers(self.model) as watch:
                 flow = self.model.forward_stream(x, t_in, self.context, cond_states, audio_tokens, self.caches[i],
                                                  self.sink, self.next_frame, shift)
+            watch.check(flow, self.block_index, i)  # NaN/Inf latents stop the run, naming block, step and layer
             x = x + (self.sigmas[i + 1] - self.sigmas[i]).item() * flow
             if on_call is not None:
                 on_call(CallInfo(self.block_index, i, self.next_frame, offset, shift, flow, x_in, t_in))

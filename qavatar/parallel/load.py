@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from ..checkpoint.integrity import screen_weight
 from ..checkpoint.load import check_keys, find_dit_dir, model_shapes, open_weights
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
@@ -68,7 +69,13 @@ def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float3
             if isinstance(mod, QuantLinear):
                 keep |= {f"{name}.{b}" for b in ("weight", "weight_scale", "input_scale", "smooth_scale")}
     state = {}
-    for key, meta in model.state_dict().items():
+    base = getattr(weights, "base", weights)
+    # a whole read is checked against the manifest on the way (a TP slice or a pipeline stage reads only part)
+    hashing = tp.size == 1 and stage is None and base.verify_while_reading()
+    order = {k: i for i, k in enumerate(weights.keys())}  # file order, so the hash streams
+    metas = model.state_dict()
+    for key in sorted(metas, key=lambda k: order.get(k, -1)):
+        meta = metas[key]
         if stage is not None and not stage_holds(cfg, key, *stage):
             continue  # another stage's
         if key.endswith(".weight_scale") and key[: -len(".weight_scale")] in at_load:
@@ -79,12 +86,15 @@ def load_rank(path: "str | Path", tp: TPGroup, dtype: torch.dtype = torch.float3
         else:
             start, stop = shard_range(key, stored[key][dim], tp)
             t = weights.get_slice(key, dim, start, stop)
+        screen_weight(weights, key, t)  # this rank's slice, as read: NaN/Inf or a corrupt magnitude stop here
         if key.endswith(".weight") and key[: -len(".weight")] in at_load:
             t, state[f"{key}_scale"] = _quantize_slice(t, quantize, tp if dim == 1 else None, device)
         if tuple(t.shape) != tuple(meta.shape):
             raise CheckpointError(f"{dit_dir}: {key} slice for rank {tp.rank}/{tp.size} is {list(t.shape)}, "
                                   f"the model expects {list(meta.shape)}")
         state[key] = t.to(device=device, dtype=None if key in keep else dtype)
+    if hashing:
+        base.finish_verification()
     missing, unexpected = model.load_state_dict(state, assign=True, strict=stage is None)
     if unexpected or any(stage_holds(cfg, k, *stage) for k in missing):
         raise CheckpointError(f"{dit_dir}: stage load left {missing[:3]} unfilled, {unexpected[:3]} unused")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from ..model.kv_cache import RollingKVCache, SinkCache
+from ..model.finite import watch_layers
 from ..model.step_context import sampler_slot
 from ..model.streaming import BlockInputs
 from .group import TPGroup
@@ -261,11 +262,13 @@ class PipelineStage:
                 ag, al = audio_tokens[b]
             else:
                 h, e0, e, ag, al = self.link.recv(self._call_specs(), g.stage - 1)
-            with sampler_slot(s):
+            with sampler_slot(s), watch_layers(self.model) as watch:
                 h = self.model.stream_layers(h, e0, context, (ag, al), self.caches[s], self.sink, start_frame, shift,
                                              self.grid, g.layers)
+                if g.last:
+                    flow = self.model.stream_head(h, e, self.grid)
+            watch.check(flow if g.last else h, b, s)  # NaN/Inf stops the run, naming block, step and this stage's layer
             if g.last:
-                flow = self.model.stream_head(h, e, self.grid)
                 if g.stages > 1:
                     self.link.send([flow], 0)
                 else:

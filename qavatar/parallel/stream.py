@@ -181,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         return _main(argv)
-    except QavatarError as e:
+    except QavatarError as e:  # one line, exit 2, as the qavatar CLI does
         print(f"error: {e}", file=sys.stderr)
         return 2
 

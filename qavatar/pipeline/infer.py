@@ -59,6 +59,7 @@ class InferRequest:
     latents_out: Optional[str] = None  # also write the generated latents here (safetensors, host rank)
     no_lora: bool = False  # run a bf16 checkpoint without liveavatar.safetensors (else its absence is an error)
     noise: Optional[str] = None  # reference | cpu (pipeline/noise.py); default: reference on GPUs, cpu on the CPU
+    overwrite: bool = False  # replace an existing --out
 
 
 @dataclass
@@ -203,6 +204,10 @@ def prepare(req: InferRequest) -> Prepared:
         notes.append(f"--num-clip {req.num_clip}: the audio covers {plan.audio_clips} clip(s); generating "
                      f"{plan.audio_clips}")
     runtime, pnotes = resolve_precision(req.precision, parts.precision, device)
+    from ..preflight import check_output, check_weights
+
+    check_weights(parts.dit)  # config, LoRA and manifest sizes, from headers: before minutes of encoders
+    check_output(req.out, req.overwrite)  # exists without --overwrite, not writable; stale leftovers removed
     req, lnotes = resolve_layout(req, cfg, runtime or parts.precision, (height, width), device)
     return Prepared(req, parts, cfg, device, height, width, plan.clips, plan.blocks, plan.frames, seconds, runtime,
                     noise, notes + pnotes + lnotes)
@@ -335,6 +340,9 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
 
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
     writer = stream = latents_file = None
+    from ..leftovers import install_terminate_handler
+
+    restore_signal = install_terminate_handler()  # SIGTERM raises, so the partial mp4 below is removed
     if host:
         res.encode_seconds = side.encode_seconds
         stream = FrameStream(side.vae, motion)  # warms the VAE's causal cache on the motion latents
@@ -388,6 +396,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
         raise
     finally:
         progress.close()
+        restore_signal()
     res.seconds = time.perf_counter() - t_start
     if prep.device == "cuda":
         res.peak_gpu_bytes = torch.cuda.max_memory_allocated()
@@ -423,4 +432,10 @@ def infer(req: InferRequest, on_frames: Optional[Callable[[torch.Tensor], None]]
         return [run_rank(int(os.environ["RANK"]), prep, on_frames)]
     if prep.world == 1:
         return [run_rank(0, prep, on_frames)]
-    return spawn_ranks(run_rank, prep.world, args=(prep,), timeout_s=req.timeout_s)
+    from ..leftovers import install_terminate_handler
+
+    restore = install_terminate_handler()  # SIGTERM: the ranks are stopped (and clean up) before we exit
+    try:
+        return spawn_ranks(run_rank, prep.world, args=(prep,), timeout_s=req.timeout_s)
+    finally:
+        restore()

@@ -88,11 +88,13 @@ def _linears(module: nn.Module, prefix: str) -> dict[str, nn.Linear]:
 
 
 def _load(module: nn.Module, prefix: str, weights, dtype: torch.dtype, device: torch.device) -> None:
-    """Assign module's tensors from a reader-like source (LoRA merged on read), refusing non-finite weights."""
+    """Assign module's tensors from a reader-like source (LoRA merged on read), refusing damaged weights."""
+    from ..checkpoint.integrity import screen_weight
+
     sd = {}
     for name in module.state_dict():
         t = weights.get(prefix + name, dtype=torch.float32) if _takes_dtype(weights) else weights.get(prefix + name)
-        check_finite(prefix + name, t)
+        screen_weight(weights, prefix + name, t)  # NaN/Inf or a corrupt magnitude, named with its file
         sd[name] = t.to(device=device, dtype=dtype)
     module.load_state_dict(sd, assign=True, strict=True)
 

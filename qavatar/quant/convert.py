@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .. import __version__
 from ..checkpoint import TensorSpec, atomic_directory, check_keys, open_weights, write_manifest
 from ..checkpoint.load import find_dit_dir, missing_lora_error, model_shapes
 from ..checkpoint.lora import MergedWeights
+from ..checkpoint.integrity import screen
 from ..checkpoint.writer import ShardedWriter, sha256_file
 from ..errors import CalibrationError, ConfigError, writing_to
 from ..model import ModelConfig
@@ -112,7 +114,7 @@ class _Source:
         self.sha256.update(key.encode())
         if t.numel():
             self.sha256.update(t.reshape(-1).view(torch.uint8).numpy())
-        check_finite(key, t)
+        screen(key, t, self.base.file_of(key))  # NaN/Inf, or a magnitude no trained weight has
         return t
 
     def edit(self, key: str) -> Optional[Callable[[torch.Tensor, int, int], torch.Tensor]]:
@@ -162,6 +164,7 @@ def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantCo
     src = _Source(weights, rows, norms)
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as tmp:
+        hashing = src.base.verify_while_reading()  # the write reads every source file in order: hash on the way
         writer = ShardedWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
         for i, key in enumerate(weights.keys()):
             module, _, leaf = key.rpartition(".")
@@ -187,6 +190,8 @@ def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantCo
             if (i + 1) % 200 == 0:
                 log(f"  wrote {i + 1}/{len(weights.keys())} tensors")
         writer.finish()
+        if hashing:
+            src.base.finish_verification()  # corrupt source -> nothing is written
         write_seconds = time.perf_counter() - t0
 
         sqnrs = sorted(max(p.sqnr_db.values()) for p in quant.values() if p.sqnr_db)
@@ -209,9 +214,9 @@ def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantCo
         conf = dict(raw_config)
         unfolded = [n for n, p in quant.items() if p.smooth is not None and n not in folded]
         conf["quantization_config"] = config.quantization_config(ignore, qavatar, smoothed=unfolded)
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+        (tmp / "config.json").write_text(strict_json(conf))
         report = build_report(config, plans, calibration, info)
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        (tmp / REPORT).write_text(strict_json(report))
         if calibration is not None:
             calibration.stats.save(tmp / STATS, calibration_manifest_sha256=info.get("calibration_manifest_sha256", ""))
         write_manifest(tmp, writer.hashes, kind="quantized", precision=config.precision)
@@ -219,6 +224,21 @@ def write_quantized(weights, raw_config: dict, cfg: ModelConfig, config: QuantCo
     return QuantizeSummary(Path(out), len(quant), len(ignore), bytes_written, write_seconds,
                            summary_db["min"] if summary_db else None, summary_db["median"] if summary_db else None,
                            calibration.end_to_end_db if calibration else None)
+
+
+def _finite_or_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
+def strict_json(obj) -> str:
+    """JSON every parser reads: NaN/Inf (e.g. the SQNR of a slot a layer never ran in) become null."""
+    return json.dumps(_finite_or_none(obj), indent=2, allow_nan=False)
 
 
 def build_report(config: QuantConfig, plans: dict[str, LayerPlan], calibration: Optional[CalibrationResult],
@@ -274,6 +294,45 @@ def calibration_encoders(dit_dir: Path, cfg: ModelConfig, log: Callable[[str], N
     return StandInEncoders(cfg)
 
 
+def planned_bytes(weights, cfg: ModelConfig, config: QuantConfig) -> int:
+    """About the size of the output: target Linears at 1 byte per weight plus fp32 row scales, the rest bf16."""
+    targets = {n for n in _linear_names(cfg) if config.targets(n)}
+    total = 0
+    for key in weights.keys():
+        shape = tuple(weights.shape(key))
+        n = math.prod(shape)
+        module, _, leaf = key.rpartition(".")
+        total += n + 4 * shape[0] if module in targets and leaf == "weight" else 2 * n
+    return total
+
+
+def preflight_quantize(weights, cfg: ModelConfig, config: QuantConfig, out: "str | Path", overwrite: bool) -> Path:
+    """--out (exists, writable, free space for the planned output) and the source manifest's sizes."""
+    from ..preflight import check_manifest_sizes, check_output
+
+    out = check_output(out, overwrite, "--out", planned_bytes(weights, cfg, config), kind="directory")
+    check_manifest_sizes(weights.base if isinstance(weights, MergedWeights) else weights)
+    return out
+
+
+def source_record(dit_dir: Path) -> dict:
+    """Where the source was, so that readers of the report can find its encoders again and only them: the
+    resolved absolute path, how the source was checked, and a fingerprint of each encoder file."""
+    from ..checkpoint.writer import MANIFEST
+    from ..pipeline.components import encoder_fingerprint
+
+    import os
+
+    root = Path(dit_dir).resolve()
+    if (root / MANIFEST).is_file():
+        check = "sha256 against its " + MANIFEST
+    elif os.environ.get("QAVATAR_NO_PLAUSIBILITY") == "1":
+        check = "finite only (no manifest; plausibility check skipped by QAVATAR_NO_PLAUSIBILITY=1)"
+    else:
+        check = "plausibility (no manifest): finite, no weight beyond the magnitude limit"
+    return {"source": str(root), "source_check": check, "source_encoders": encoder_fingerprint(root)}
+
+
 def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfig,
                         calibration: "str | Path | None" = None, lora: "str | Path | bool | None" = True,
                         lora_alpha: Optional[float] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None,
@@ -291,8 +350,9 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
     if lora is True and lora_path is None:
         raise missing_lora_error(dit_dir)  # lora=False quantizes the base weights alone, on purpose
     check_keys(weights, model_shapes(cfg), str(dit_dir))
+    preflight_quantize(weights, cfg, config, out, overwrite)  # cheap checks before hours of calibration
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    info: dict = {"source": str(dit_dir), "lora": str(lora_path) if lora_path else None,
+    info: dict = {**source_record(dit_dir), "lora": str(lora_path.resolve()) if lora_path else None,
                   "lora_sha256": sha256_file(lora_path) if lora_path else None,
                   "lora_merged": lora_path is not None}  # infer needs no LoRA for it (checkpoint.load.require_lora)
     log(f"source {dit_dir}" + (f" + LoRA {lora_path} (merged in fp32)" if lora_path else " (no LoRA)"))
