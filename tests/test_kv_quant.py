@@ -1,0 +1,107 @@
+"""8-bit KV caches: the quantizer's arithmetic, the planner's exact byte count (scales included) against real
+sessions and pipeline stages, and measured against planned memory for TP=2 with an fp8 cache."""
+import pytest
+import torch
+
+from qavatar.errors import ConfigError
+from qavatar.model import PRESETS
+from qavatar.model.kv_quant import dequantize, kv_storage_dtype, quantize
+from qavatar.parallel.group import SINGLE
+from qavatar.parallel.launch import init_tp, spawn_ranks
+from qavatar.parallel.load import load_rank
+from qavatar.parallel.measure import AllocationTracker, held_bytes
+from qavatar.parallel.plan import PlanRequest, make_plan
+
+SIZE = (256, 128)  # 128 tokens per latent frame
+KV = {"bf16": None, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+@pytest.mark.parametrize("dtype,qmax", [(torch.float8_e4m3fn, 448.0), (torch.int8, 127.0)])
+def test_quantize_rows_absmax_and_round_trip(dtype, qmax):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 64, generator=g) * torch.logspace(-3, 3, 7)[None, :, None, None]  # 6 decades
+    x[0, 2, 1] = 0  # an all-zero row
+    x[1, 4, 0, 5] = 1e4  # one outlier: only its own row's scale grows
+    q, s = quantize(x, dtype)
+    assert q.dtype == dtype and s.dtype == torch.float32 and s.shape == x.shape[:-1]
+    assert s[0, 2, 1] == 1 and torch.all(q[0, 2, 1].float() == 0)  # zero rows: finite scale, zeros back
+    assert torch.equal(q.float().abs().amax(-1)[x.abs().amax(-1) > 0], torch.full_like(s[x.abs().amax(-1) > 0], qmax))
+    back = dequantize(q, s, torch.float32)
+    err = (back - x).abs() / s.unsqueeze(-1)  # in units of the row's step
+    if dtype == torch.int8:
+        assert float(err.max()) <= 0.5 + 1e-4  # round to nearest
+        assert torch.equal(q, torch.round(x / s.unsqueeze(-1)).to(torch.int8))
+    else:  # e4m3: 3 mantissa bits, relative error at most 2^-4 above the subnormals
+        rel = ((back - x).abs() / x.abs().clamp_min(1e-30))[x.abs() / s.unsqueeze(-1) >= 2 ** -6]
+        assert float(rel.max()) <= 2 ** -4 + 1e-6
+    # dequantizing into a bf16 buffer rounds the fp32 product once, like a cast of it
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    assert torch.equal(dequantize(q, s, torch.bfloat16, out=out), back.to(torch.bfloat16))
+    x32 = x.clone()
+    quantize(x32, dtype)
+    assert torch.equal(x32, x)  # the caller's fp32 tensor is left alone
+
+
+def test_unknown_kv_dtype_is_a_clear_error():
+    with pytest.raises(ConfigError, match="--kv-dtype must be one of bf16, fp8, int8, not 'fp4'"):
+        kv_storage_dtype("fp4")
+    with pytest.raises(ConfigError, match="--kv-dtype must be bf16, fp8 or int8"):
+        PlanRequest(PRESETS["tiny"], kv_dtype="fp4")
+
+
+def _session(model, kv):
+    from qavatar.model.streaming import StreamingSession, flow_match_schedule
+
+    cfg = model.cfg
+    lh, lw = SIZE[0] // 8, SIZE[1] // 8
+    g = torch.Generator().manual_seed(0)
+    ref, motion = torch.randn(1, 16, 1, lh, lw, generator=g), torch.randn(1, 16, 19, lh, lw, generator=g)
+    return StreamingSession(model, torch.randn(1, 9, cfg.text_dim, generator=g), ref, motion,
+                            *flow_match_schedule(), seed=0, kv_dtype=kv), g
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8", "int8"])
+def test_plan_counts_the_session_cache_exactly(toy_ckpt, name):
+    """bf16 compute (the GPU dtype) on CPU: the caches the session allocates, sink filled, equal the plan's."""
+    model = load_rank(toy_ckpt, SINGLE, dtype=torch.bfloat16).model
+    s, _ = _session(model, KV[name])
+    assert s.sink.ready
+    b = make_plan(PlanRequest(PRESETS["tiny"], gpus=1, precision="bf16", size=SIZE, kv_dtype=name)).ranks[0].breakdown
+    assert b["kv_rolling"] + b["kv_sink"] == s.cache_bytes()
+    if name != "bf16":
+        assert s.sink.k_scale[0].dtype == torch.float32 and s.caches[0].scales.k.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ measured against planned, TP=2, fp8 KV
+def _measure(rank: int, world: int, path: str, kv: str) -> dict:
+    torch.set_num_threads(1)
+    tp = init_tp(world, timeout_s=60)
+    model = load_rank(path, tp).model
+    s, g = _session(model, KV[kv])
+    lh, lw = SIZE[0] // 8, SIZE[1] // 8
+    noise, audio = torch.randn(1, 16, 3, lh, lw, generator=g), torch.randn(1, 25, model.cfg.audio_dim, 12, generator=g)
+    peaks = []
+    for _ in range(6):
+        tracker = AllocationTracker()
+        with tracker:
+            s.denoise_block(noise, audio)
+        peaks.append(tracker.peak)
+    # the window is full from the 5th block on; the least full-window peak is the steady state (test_plan.py)
+    return {"held": held_bytes(model), "kv": s.cache_bytes(), "context": s.context.numel() * 4,
+            "activations": min(peaks[4:])}
+
+
+def test_tp2_fp8_kv_measured_against_plan(toy_ckpt):
+    got = spawn_ranks(_measure, 2, args=(2, str(toy_ckpt), "fp8"), timeout_s=180)
+    plan = make_plan(PlanRequest(PRESETS["tiny"], gpus=2, precision="bf16", size=SIZE, compute_dtype="fp32",
+                                 kv_dtype="fp8", vae="cpu"))
+    assert "stage_kv_dequant" in plan.activation_detail and "stage_kv_concat" not in plan.activation_detail
+    for rank in (0, 1):
+        m, b = got[rank], plan.ranks[rank].breakdown
+        held = sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params")))
+        assert held == m["held"]
+        assert b["kv_rolling"] + b["kv_sink"] == m["kv"]  # 8-bit rows and their fp32 scales: exact
+        assert abs(b["activations"] - m["activations"]) <= 0.12 * m["activations"], (b["activations"], m)
+        planned = held + b["kv_rolling"] + b["kv_sink"] + b["activations"] + b["session_tensors"]
+        measured = m["held"] + m["kv"] + m["activations"] + m["context"]
+        assert abs(planned - measured) <= 0.05 * measured, (planned, measured)
