@@ -180,3 +180,36 @@ def test_fewest_gpus_recipe_is_two_cards_with_an_8bit_kv_cache():
     plan = find_recipe(PlanRequest(B14, vram=24 * GiB), 8, "fewest-gpus")
     assert plan.request.gpus == 2 and plan.fits
     assert plan.request.kv_dtype == "int8"  # 8-bit KV is what makes two cards fit; int8 wins on quality
+
+
+# ------------------------------------------------------------------ qavatar infer --kv-dtype
+def test_infer_with_8bit_kv_at_tp2_and_cli_errors(toy_ckpt, tmp_path, monkeypatch):
+    """The flag reaches the ranks' sessions: each rank's cache is the plan's fp8 rows + scales at 128x64."""
+    import os
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from qavatar.cli import app
+    from qavatar.pipeline.infer import InferRequest, infer
+
+    monkeypatch.setenv("QAVATAR_CACHE", str(tmp_path / "cache"))
+    bundled = Path(__file__).parents[1] / "calibration" / "bundled"
+    image, speech = bundled / "images" / "p00.png", bundled / "audio" / "p00.wav"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        results = infer(InferRequest(str(toy_ckpt), str(image), str(speech), "a woman talking", str(tmp_path / "o.mp4"),
+                                     tp=2, num_clip=1, quiet=True, kv_dtype="fp8"))
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "o.mp4").is_file() and len(results) == 2
+    plan = make_plan(PlanRequest(PRESETS["tiny"], gpus=2, precision="bf16", size=(128, 64), compute_dtype="fp32",
+                                 kv_dtype="fp8"))
+    for r in results:
+        b = plan.ranks[r.rank].breakdown
+        assert r.cache_bytes == b["kv_rolling"] + b["kv_sink"]
+    r = CliRunner().invoke(app, ["infer", "--checkpoint", str(toy_ckpt), "--image", str(image), "--audio",
+                                 str(speech), "--out", str(tmp_path / "x.mp4"), "--kv-dtype", "fp4"])
+    assert r.exit_code == 2 and "--kv-dtype must be one of bf16, fp8, int8" in r.output
+    assert not (tmp_path / "x.mp4").exists()
