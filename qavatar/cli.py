@@ -135,7 +135,8 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
          config: str = typer.Option("liveavatar-14b", help="Model preset or path to a config.json / checkpoint."),
          checkpoint: Optional[str] = typer.Option(None, help="Plan for this checkpoint (directory or ORG/NAME[@REV]"
                                                              "; only its config.json is read or downloaded)."),
-         kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp8."),
+         kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp8 | int8 (8-bit: with fp32 scales per "
+                                                   "token and head, counted)."),
          t5: str = typer.Option("cpu", help="Where umT5 runs: cpu | gpu."),
          vae: str = typer.Option("gpu", help="Where the VAE decodes: gpu (last rank) | cpu."),
          wav2vec2: str = typer.Option("cpu", help="Where wav2vec2 runs: cpu | gpu."),
@@ -245,14 +246,22 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
                                                                 "(the undistilled base model)."),
           noise: Optional[str] = typer.Option(None, help="reference (the reference's bf16 CUDA draws; default on "
                                                          "GPUs) | cpu (fp32 CPU generator; default on the CPU)."),
-          overwrite: bool = typer.Option(False, help="Replace --out if it exists.")) -> None:
+          overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+          kv_dtype: str = typer.Option("bf16", help="KV caches: bf16 (the compute dtype) | fp8 | int8, 8-bit with "
+                                                    "per-(token, head) scales (docs/kv_cache.md).")) -> None:
     """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""
+    from .model.kv_quant import kv_storage_dtype
     from .pipeline.infer import InferRequest, infer as run_infer
+
+    try:
+        kv_storage_dtype(kv_dtype)
+    except QavatarError as e:
+        _fail(e)
 
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
                        t5_precision=t5_precision, latents_out=str(latents_out) if latents_out else None, pp=pp,
-                       gpus=gpus, no_lora=no_lora, noise=noise, overwrite=overwrite)
+                       gpus=gpus, no_lora=no_lora, noise=noise, overwrite=overwrite, kv_dtype=kv_dtype)
     try:
         results = run_infer(req)
     except QavatarError as e:

@@ -166,6 +166,43 @@ def test_every_stage_runs_the_items_in_the_schedule_order(runs):
     assert s["items"] == BLOCKS * 4 + 2  # every call and both sink prefills
 
 
+def _kv_job(rank: int, pp: int, ckpt: str, kv: str) -> dict:
+    from qavatar.model.kv_quant import kv_storage_dtype
+    from qavatar.parallel.launch import init_tp
+    from qavatar.parallel.pipeline import init_pipeline
+    from qavatar.parallel.stream import _config, stream_latents
+
+    torch.set_num_threads(1)
+    group = init_pipeline(pp, 1, stage_layers(_config(ckpt), pp, LATENT_HW), timeout_s=60) if pp > 1 \
+        else init_tp(1, timeout_s=60)
+    rep = stream_latents(ckpt, group, 5, LATENT_HW, seed=5, kv_dtype=kv_storage_dtype(kv))  # roll + wrap at 4
+    return {"latents": rep.latents, "cache": rep.cache_bytes}
+
+
+@pytest.mark.parametrize("kv", ["fp8"])
+def test_pipeline_with_8bit_kv_equals_the_sequential_run(toy_ckpt, kv):
+    """The stages quantize and dequantize their own layers' caches with the same code: bit-identical latents;
+    each stage's cache, scales included, is the planner's share for that stage."""
+    from qavatar.model import PRESETS
+    from qavatar.parallel.plan import PlanRequest, make_plan
+
+    threads = torch.get_num_threads()
+    try:
+        one = _kv_job(0, 1, str(toy_ckpt), kv)
+    finally:
+        torch.set_num_threads(threads)
+    two = spawn_ranks(_kv_job, 2, args=(2, str(toy_ckpt), kv), timeout_s=300)
+    assert torch.equal(two[0]["latents"], one["latents"]), float((two[0]["latents"] - one["latents"]).abs().max())
+    bf16 = _kv_job(0, 1, str(toy_ckpt), "bf16")["latents"]
+    assert not torch.equal(bf16, one["latents"])  # the 8-bit cache is really in use
+    plan = make_plan(PlanRequest(PRESETS["tiny"], gpus=2, pp=2, precision="bf16", kv_dtype=kv, compute_dtype="fp32",
+                                 size=(LATENT_HW[0] * 8, LATENT_HW[1] * 8), vae="cpu"))
+    for stage in (0, 1):
+        b = plan.ranks[stage].breakdown
+        assert two[stage]["cache"] == b["kv_rolling"] + b["kv_sink"]
+    assert sum(r["cache"] for r in two) == one["cache"]
+
+
 # ------------------------------------------------------------------------------------------ the entry point
 def _stream_cli(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "qavatar.parallel.stream", *args], capture_output=True, text=True,

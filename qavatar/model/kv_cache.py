@@ -8,6 +8,8 @@ Rolling: roped K and V of generated tokens at their absolute positions, a window
 The reference keeps one rolling cache per denoising step (step i always reads and writes cache i).
 Caches hold this rank's heads only, so they shard with tensor parallelism, and only the layers of this rank's
 pipeline stage (layers first_layer.. of the DiT), so they shard with the pipeline layout too.
+8-bit caches (fp8, int8; model/kv_quant.py) store one fp32 scale per (token, head) beside K and V: the
+rolling K is quantized after RoPE, the sink K before its per-call re-RoPE; both are dequantized at read.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from .kv_quant import dequantize, is_quantized, quantize
 from .rope import apply_rope
 
 
@@ -27,10 +30,15 @@ class SinkCache:
     positions: Optional[torch.Tensor] = None  # [Lc, 3] RoPE positions at prefill time
     num_ref_tokens: int = 0  # the first tokens are the reference image; only they move with the offset
     first_layer: int = 0  # DiT index of the first layer held (a pipeline stage holds a contiguous range)
+    dtype: Optional[torch.dtype] = None  # fp8 / int8: quantized with scales; None: the compute dtype
+    k_scale: list[Optional[torch.Tensor]] = field(default_factory=list)  # per layer [B, Lc, H] fp32 (8-bit only)
+    v_scale: list[Optional[torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.k = [None] * self.num_layers
         self.v = [None] * self.num_layers
+        self.k_scale = [None] * self.num_layers
+        self.v_scale = [None] * self.num_layers
 
     @property
     def ready(self) -> bool:
@@ -43,7 +51,8 @@ class SinkCache:
         return pos
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.k_scale + self.v_scale
+                   if t is not None)
 
 
 class RollingKVCache:
@@ -55,6 +64,10 @@ class RollingKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.window, self.first_layer = window, first_layer
+        # 8-bit storage: the per-(token, head) fp32 scales live in a cache of their own (head_dim 1), written
+        # and windowed exactly like the 8-bit rows
+        self.scales = RollingKVCache(num_layers, batch, window, heads, 1, torch.float32, device, first_layer) \
+            if is_quantized(dtype) else None
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v of tokens [start, start+L) (absolute) and return the K/V rows attention sees."""
@@ -75,7 +88,7 @@ class RollingKVCache:
         return slot, active
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return 2 * self.k.numel() * self.k.element_size() + (self.scales.nbytes() if self.scales is not None else 0)
 
 
 class LayerKV:
@@ -87,11 +100,17 @@ class LayerKV:
         self.start, self.sink_rope = start, sink_rope
 
     def store_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        i = self.layer - self.sink.first_layer
-        self.sink.k[i] = k.detach().clone()
-        self.sink.v[i] = v.detach().clone()
+        i, sink = self.layer - self.sink.first_layer, self.sink
+        if is_quantized(sink.dtype):  # un-roped K: the re-RoPE of every call acts on the dequantized rows
+            sink.k[i], sink.k_scale[i] = quantize(k.detach(), sink.dtype)
+            sink.v[i], sink.v_scale[i] = quantize(v.detach(), sink.dtype)
+            return
+        sink.k[i] = k.detach().clone()
+        sink.v[i] = v.detach().clone()
 
     def append(self, k_roped: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rolling.scales is not None:
+            return self._append_quantized(k_roped, v)
         keys, values = self.rolling.write(self.layer, self.start, k_roped.to(self.rolling.k.dtype),
                                           v.to(self.rolling.v.dtype))
         i = self.layer - self.sink.first_layer
@@ -99,3 +118,24 @@ class LayerKV:
         keys = torch.cat([keys.type_as(v), sink_k], dim=1)
         values = torch.cat([values.type_as(v), self.sink.v[i].type_as(v)], dim=1)
         return keys, values
+
+    def _append_quantized(self, k_roped: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """8-bit rolling cache: store this block's roped K and V quantized, then dequantize the window and the
+        re-roped sink straight into the [rolling window | sink] K and V that attention reads (no fp32 copy of the
+        window, no concatenation)."""
+        r, dtype = self.rolling, self.rolling.k.dtype
+        kq, ks = quantize(k_roped, dtype)
+        vq, vs = quantize(v, dtype)
+        keys, values = r.write(self.layer, self.start, kq, vq)
+        k_scale, v_scale = r.scales.write(self.layer, self.start, ks.unsqueeze(-1), vs.unsqueeze(-1))
+        del kq, ks, vq, vs
+        i, sink, n = self.layer - self.sink.first_layer, self.sink, keys.shape[1]
+        shape = (v.shape[0], n + sink.k[i].shape[1], *v.shape[2:])
+        k_out = torch.empty(shape, dtype=v.dtype, device=v.device)
+        v_out = torch.empty(shape, dtype=v.dtype, device=v.device)
+        dequantize(keys, k_scale.squeeze(-1), v.dtype, out=k_out[:, :n])
+        dequantize(values, v_scale.squeeze(-1), v.dtype, out=v_out[:, :n])
+        dequantize(sink.v[i], sink.v_scale[i], v.dtype, out=v_out[:, n:])
+        sink_k = dequantize(sink.k[i], sink.k_scale[i], v.dtype, out=k_out[:, n:])
+        sink_k.copy_(apply_rope(sink_k, self.sink_rope))  # re-RoPE of the dequantized un-roped sink keys
+        return k_out, v_out

@@ -19,6 +19,7 @@ import torch
 from .dit import LiveAvatarDiT
 from .finite import watch_layers
 from .kv_cache import RollingKVCache, SinkCache
+from .kv_quant import is_quantized
 from .step_context import sampler_slot
 
 
@@ -85,6 +86,8 @@ class StreamingSession:
 
         sink_offset: a callable returning the next sink re-RoPE distance; by default random.Random(seed) draws
         in cfg.sink_offset_range, which with the same seed repeats the reference's python `random` draws.
+        kv_dtype: None (the compute dtype), or torch.float8_e4m3fn / torch.int8 for 8-bit caches with
+        per-(token, head) scales (model/kv_quant.py).
         """
         cfg = model.cfg
         self.model, self.cfg = model, cfg
@@ -101,7 +104,7 @@ class StreamingSession:
         self.frame_len = cfg.tokens_per_frame(*self.latent_hw)
         with torch.no_grad():
             self.context = model.embed_text(context)
-        self.sink = SinkCache(cfg.num_layers)
+        self.sink = SinkCache(cfg.num_layers, dtype=kv_dtype if is_quantized(kv_dtype) else None)
         attn = model.blocks[0].self_attn
         window = cfg.clip_latent_frames * self.frame_len
         self.caches = [RollingKVCache(cfg.num_layers, self.batch, window, attn.num_heads, attn.head_dim,

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 from ..model.kv_cache import RollingKVCache, SinkCache
 from ..model.finite import watch_layers
+from ..model.kv_quant import is_quantized
 from ..model.step_context import sampler_slot
 from ..model.streaming import BlockInputs
 from .group import TPGroup
@@ -160,7 +161,7 @@ class PipelineStage:
         layers = group.layers
         attn = block.self_attn
         window = cfg.clip_latent_frames * self.frame_len
-        self.sink = SinkCache(len(layers), first_layer=layers.start)
+        self.sink = SinkCache(len(layers), first_layer=layers.start, dtype=kv_dtype if is_quantized(kv_dtype) else None)
         self.caches = [RollingKVCache(len(layers), 1, window, attn.num_heads, attn.head_dim, kv_dtype or self.dtype,
                                       self.device, first_layer=layers.start) for _ in range(len(self.timesteps))]
         self.link = _Link(group, self.device)

@@ -17,13 +17,17 @@ import torch
 
 from ..errors import ConfigError
 from ..model import ModelConfig, build_model
+from ..model.kv_quant import bytes_per_row, is_quantized
 from ..model.rope import framepack_positions
 from .group import TPGroup
 from .shard import shard_dim, shard_range
 
 GiB = 2 ** 30
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn,
+          "int8": torch.int8}
 PRECISIONS = ("bf16", "int8-wo", "int8", "fp8-wo", "fp8")  # best quality first (docs/quantization.md)
+# KV cache dtypes, best quality first: int8 beats fp8 by ~13 dB at the same bytes (docs/kv_cache.md)
+KV_DTYPES = ("bf16", "int8", "fp8")
 # CUDA context (~0.5 GiB), cuBLAS/NCCL workspaces and allocator fragmentation, per rank. Stated, not measured.
 RESERVE_BYTES = int(1.5 * GiB)
 
@@ -61,8 +65,8 @@ class PlanRequest:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.kv_dtype not in ("bf16", "fp8", "fp32", "fp16"):
-            raise ConfigError(f"--kv-dtype must be bf16 or fp8, not {self.kv_dtype!r}")
+        if self.kv_dtype not in ("bf16", "fp8", "int8", "fp32", "fp16"):
+            raise ConfigError(f"--kv-dtype must be bf16, fp8 or int8, not {self.kv_dtype!r}")
         if self.gpus < 1:
             raise ConfigError("--gpus must be at least 1")
 
@@ -252,8 +256,14 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
         "qk_norm": x_in + m + 3 * ldl * c + ldl * norm_tmp,
         "v_projection": x_in + m + 3 * ldl * c + lx(L, D, dl),
         "rope": x_in + m + 4 * ldl * c + rope,
-        "kv_concat": x_in + m + 5 * ldl * c + (ldl * kvb if kv_dtype != compute else 0) + lc * dl * (f4 + up * c)
-        + (K - lc) * dl * c * int(kv_dtype != compute) + 2 * K * dl * c,
+        # 8-bit caches (model/kv_cache.py LayerKV._append_quantized): the block's K and V quantized (fp32 copy, its
+        # abs, the 8-bit result), then K and V of [window | sink] dequantized in place, the sink keys re-roped
+        # (apply_rope's fp32 copy when the compute dtype is not fp32, its two half products, the stacked result)
+        **({"kv_quantize": x_in + m + 5 * ldl * c + ldl * (2 * f4 + 1 + 1) + 2 * L * heads * f4,
+            "kv_dequant": x_in + m + 5 * ldl * c + 2 * K * dl * c + lc * dl * f4 * (2 + up)}
+           if is_quantized(kv_dtype) else
+           {"kv_concat": x_in + m + 5 * ldl * c + (ldl * kvb if kv_dtype != compute else 0) + lc * dl * (f4 + up * c)
+            + (K - lc) * dl * c * int(kv_dtype != compute) + 2 * K * dl * c}),
         "attention": x_in + m + 4 * ldl * c + 2 * K * dl * c + math * K,
         "o_projection": x_in + m + ldl * c + 2 * ld * c + lx(L, dl, D),
         "gate_attention": x_in + gate,
@@ -284,13 +294,19 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
 
 
 def kv_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], kv_dtype: torch.dtype,
-             steps: int, layers: Optional[int] = None) -> tuple[int, int]:
+             steps: int, layers: Optional[int] = None, compute: Optional[torch.dtype] = None) -> tuple[int, int]:
     """(rolling caches, sink) bytes on one rank: one rolling window per sampler step, one shared sink, for
-    `layers` layers (all of them by default; a layer stage holds its own layers' rows of every cache)."""
+    `layers` layers (all of them by default; a layer stage holds its own layers' rows of every cache).
+
+    A row is one (token, head) of K or of V; 8-bit rows carry their fp32 scale (model/kv_quant.py). The sink is
+    stored like the rolling caches when they are 8-bit, else in the compute dtype (a plain-cast KV dtype such
+    as fp16 applies to the rolling caches only)."""
     fs, lc, _ = token_counts(cfg, size)
     layers = cfg.num_layers if layers is None else layers
-    per_token = 2 * tp.shard(cfg.num_heads, "num_heads") * cfg.head_dim * _bytes(kv_dtype) * layers
-    return steps * cfg.clip_latent_frames * fs * per_token, lc * per_token
+    rows = 2 * tp.shard(cfg.num_heads, "num_heads") * layers  # K and V rows per token
+    sink_dtype = kv_dtype if is_quantized(kv_dtype) or compute is None else compute
+    rolling = steps * cfg.clip_latent_frames * fs * rows * bytes_per_row(cfg.head_dim, kv_dtype)
+    return rolling, lc * rows * bytes_per_row(cfg.head_dim, sink_dtype)
 
 
 def session_bytes(cfg: ModelConfig, compute: torch.dtype) -> int:
@@ -356,7 +372,8 @@ def make_plan(req: PlanRequest) -> Plan:
         b = weight_bytes(req, group.rank, tp, stage, ranges)
         layers = ranges[stage][1] - ranges[stage][0]
         # its steps' caches (sampler-step stages), its layers' rows of every step's cache (layer stages)
-        rolling, sink = kv_bytes(cfg, group, req.size, kv, math.ceil(req.steps / stages), layers)
+        rolling, sink = kv_bytes(cfg, group, req.size, kv, math.ceil(req.steps / stages), layers,
+                                 compute)
         b["kv_rolling"] = rolling
         b["kv_sink"] = sink
         act = activation_bytes(cfg, group, req.size, compute, kv, req.precision, req.attention)
@@ -421,7 +438,7 @@ def find_recipe(base: PlanRequest, max_gpus: int, goal: str) -> Optional[Plan]:
     options = []
     for gpus in valid_degrees(base.config, max_gpus):
         for qi, precision in enumerate(PRECISIONS):
-            for ki, kv in enumerate(("bf16", "fp8")):
+            for ki, kv in enumerate(KV_DTYPES):
                 req = PlanRequest(**{**asdict(base), "config": base.config, "gpus": gpus, "precision": precision,
                                      "kv_dtype": kv, "stored": None})
                 plan = make_plan(req)

@@ -64,7 +64,7 @@ def random_inputs(cfg, latent_hw: tuple[int, int], blocks: int, seed: int) -> tu
 
 def stream_latents(checkpoint: "str | Path", group: "TPGroup | PipeGroup", blocks: int, latent_hw: tuple[int, int],
                    seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   steps: int = 4) -> StreamReport:
+                   steps: int = 4, kv_dtype: Optional[torch.dtype] = None) -> StreamReport:
     """Stream `blocks` blocks (the sink rolls after the first clip) on this rank of a TP or pipeline layout."""
     pipe = isinstance(group, PipeGroup)
     tp = group.tp if pipe else group
@@ -83,11 +83,12 @@ def stream_latents(checkpoint: "str | Path", group: "TPGroup | PipeGroup", block
 
     timesteps, sigmas = flow_match_schedule(steps)
     if not pipe:
-        session = StreamingSession(model, context, *inputs.condition(0, None), timesteps, sigmas, seed=seed)
+        session = StreamingSession(model, context, *inputs.condition(0, None), timesteps, sigmas, seed=seed,
+                                   kv_dtype=kv_dtype)
         stream_sequential(session, blocks, inputs, on_block)
         return StreamReport(tp.rank, torch.cat(out, dim=2), times, loaded.bytes_read, loaded.param_bytes,
                             session.cache_bytes(), bytes_sent=_sent(tp))
-    runner = PipelineStage(model, group, latent_hw, timesteps, sigmas, seed)
+    runner = PipelineStage(model, group, latent_hw, timesteps, sigmas, seed, kv_dtype=kv_dtype)
     items = schedule_for(cfg, blocks, steps, group.stages, roll_sink=True)
     ctx = runner.share_context(context if group.first else None)
     runner.run(items, ctx, inputs if group.first else None, on_block, t0=0.0)  # one clock for every rank of a host
@@ -116,7 +117,10 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
         group = dataclasses.replace(group, counter=ByteCounter())
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    rep = stream_latents(args.checkpoint, group, args.blocks, latent_hw, args.seed, device, dtype)
+    from ..model.kv_quant import kv_storage_dtype
+
+    rep = stream_latents(args.checkpoint, group, args.blocks, latent_hw, args.seed, device, dtype,
+                         kv_dtype=kv_storage_dtype(args.kv_dtype))
     if args.latents_out and rep.latents is not None and group.rank == (group.tp.size if args.pp > 1 else group.size) - 1:
         # the host rank, as in qavatar infer (the first stage's last TP rank)
         save_stream_latents(args.latents_out, rep.latents, args.checkpoint, args.seed, args.tp, args.size, args.blocks)
@@ -196,6 +200,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--size", default="128*64", help="pixel H*W")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8", "int8"],
+                    help="KV caches: bf16 = the compute dtype; fp8 / int8 with per-(token, head) fp32 scales")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--bf16-reduce", action="store_true",
                     help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "

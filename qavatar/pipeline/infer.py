@@ -60,6 +60,7 @@ class InferRequest:
     no_lora: bool = False  # run a bf16 checkpoint without liveavatar.safetensors (else its absence is an error)
     noise: Optional[str] = None  # reference | cpu (pipeline/noise.py); default: reference on GPUs, cpu on the CPU
     overwrite: bool = False  # replace an existing --out
+    kv_dtype: str = "bf16"  # KV caches: bf16 (the compute dtype) | fp8 | int8 with scales (model/kv_quant.py)
 
 
 @dataclass
@@ -237,7 +238,7 @@ def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tu
         why = f"{name} as {gpu}" + ("" if profile_for_device(name) else " (unknown GPU: the rtx4090 profile)")
     plan_precision = precision if precision in ("bf16", "int8", "fp8", "int8-wo", "fp8-wo") else "bf16"
     tp, pp = choose_layout(PlanRequest(cfg, gpus=world, vram=vram, precision=plan_precision, size=size,
-                                       steps=req.sample_steps), gpu, world=world)
+                                       steps=req.sample_steps, kv_dtype=req.kv_dtype), gpu, world=world)
     return dataclasses.replace(req, tp=tp, pp=pp), [f"layout auto: --pp {pp} --tp {tp} on {world} ranks, the "
                                                      f"planner's fastest that fits ({why})"]
 
@@ -297,6 +298,7 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     """One rank of the run. With --tp every rank denoises every block in lockstep; with --pp each stage runs its
     layers of every call (parallel/pipeline.py). The host (the last TP rank of the first stage) also encodes,
     decodes and writes. Returns this rank's timings."""
+    from ..model.kv_quant import kv_storage_dtype
     from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, \
         stream_sequential
     from ..parallel.load import load_rank
@@ -373,13 +375,15 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     try:
         latents_file = open_for_run(prep, tp.size) if host else None  # --latents-out
         if pipe is None:
-            session = StreamingSession(model, context, *inputs.condition(0, None), timesteps, sigmas, seed=req.seed)
+            session = StreamingSession(model, context, *inputs.condition(0, None), timesteps, sigmas, seed=req.seed,
+                                       kv_dtype=kv_storage_dtype(req.kv_dtype))
             res.cache_bytes = session.cache_bytes()
             stream_sequential(session, prep.blocks, inputs, on_block,
                               on_call=lambda info: progress.step(info.block // per_clip, info.block % per_clip,
                                                                  info.step) if host else None)
         else:
-            stage = PipelineStage(model, pipe, prep.latent_hw, timesteps, sigmas, req.seed)
+            stage = PipelineStage(model, pipe, prep.latent_hw, timesteps, sigmas, req.seed,
+                                  kv_dtype=kv_storage_dtype(req.kv_dtype))
             res.cache_bytes = stage.cache_bytes()
             ctx = stage.share_context(context)
             stage.run(schedule_for(cfg, prep.blocks, req.sample_steps, prep.pp, roll_sink=True), ctx, inputs,
