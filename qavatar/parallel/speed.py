@@ -246,7 +246,7 @@ def estimate(req, tp: int, pp: int, vae: str, gpu: GpuProfile):
         if j < pp - 1:
             t_link += handoff_bytes(cfg, hw, req.compute_dtype) / link
         if j == pp - 1 and pp > 1:
-            t_link += latents_bytes(cfg, hw) * (steps - 1) / steps / link
+            t_link += latents_bytes(cfg, hw) / link  # the flow back to stage 0, every call
         items.append(t_call + t_link)
         stage_busy = steps * (t_call + t_link)
         if j == 0:
