@@ -23,6 +23,16 @@ def fixture_dirs() -> list[Path]:
     return list(found.values())
 
 
+def fixture_with_case(kind: str) -> Path:
+    """The first fixture that holds a case of this kind (the model fixture's `streaming`, the pipeline's ...)."""
+    import json
+
+    for p in fixture_dirs():
+        if kind in {c["name"] for c in json.loads((p / "cases.json").read_text())["cases"]}:
+            return p
+    raise RuntimeError(f"no parity fixture has a {kind!r} case")
+
+
 @pytest.fixture(scope="session")
 def toy_ckpt(tmp_path_factory) -> Path:
     from qavatar.checkpoint.toy import make_toy_checkpoint

@@ -166,13 +166,14 @@ def test_latents_out_is_written_atomically_or_not_at_all(ckpts, tmp_path, monkey
     assert lat.read_bytes() == b"previous latents" and not list(tmp_path.glob(".*partial*"))
 
 
-def test_the_same_seed_gives_the_same_frames(ckpts, tmp_path):
-    a, b, c = tmp_path / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"
-    _run(ckpts["bf16"], a, seed=7)
-    _run(ckpts["bf16"], b, seed=7)
-    _run(ckpts["bf16"], c, seed=8)
-    fa, fb, fc = _frames(a), _frames(b), _frames(c)
-    assert np.array_equal(fa, fb)
+def test_the_same_seed_gives_the_same_latents(ckpts, tmp_path):
+    """Bit equality is a property of the latents; the decoded frames (VAE float kernels, h264) only agree closely."""
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        _run(ckpts["bf16"], tmp_path / f"{name}.mp4", seed=seed, latents_out=tmp_path / f"{name}.safetensors")
+    la, lb, lc = (load_latents(tmp_path / f"{n}.safetensors")[0] for n in "abc")
+    assert torch.equal(la, lb) and not torch.equal(la, lc)
+    fa, fb, fc = (_frames(tmp_path / f"{n}.mp4") for n in "abc")
+    assert np.abs(fa.astype(np.int16) - fb).mean() < 1.0
     assert np.abs(fa.astype(np.int16) - fc).mean() > 5
 
 

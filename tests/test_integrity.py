@@ -111,27 +111,26 @@ def _session(toy_ckpt):
     from qavatar.parallel.stream import random_inputs
 
     model = load_dit(toy_ckpt)
-    inp = random_inputs(model.cfg, (16, 8), 2, seed=0)
-    session = StreamingSession(model, inp["context"], inp["ref"], inp["motion"], *flow_match_schedule(), seed=0)
-    return model, session, inp
+    context, inputs = random_inputs(model.cfg, (16, 8), 2, seed=0)
+    session = StreamingSession(model, context, *inputs.condition(0, None), *flow_match_schedule(), seed=0)
+    return model, session, inputs
 
 
 def test_non_finite_latents_stop_the_stream_naming_block_step_and_layer(toy_ckpt):
     from qavatar.model.finite import NonFiniteError
 
     model, session, inp = _session(toy_ckpt)
-    fpb = model.cfg.num_frames_per_block
     calls = []
 
     def poison(mod, args, out):  # blocks.2 goes NaN in the second block's third step
         calls.append(1)
         return out.clone().fill_(float("nan")) if len(calls) == 3 else out
 
-    session.denoise_block(inp["noise"][:, :, :fpb], inp["audio"][..., :4 * fpb])
+    session.denoise_block(inp.noise(0), inp.audio(0))
     handle = model.blocks[2].register_forward_hook(poison)
     with pytest.raises(NonFiniteError, match=r"NaN or Inf latents in block 1, sampler step 2, first at the output "
                                              r"of blocks.2"):
-        session.denoise_block(inp["noise"][:, :, fpb:2 * fpb], inp["audio"][..., 4 * fpb:8 * fpb])
+        session.denoise_block(inp.noise(1), inp.audio(1))
     handle.remove()
 
 

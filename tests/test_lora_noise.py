@@ -79,6 +79,9 @@ def test_quantize_without_the_lora_and_what_the_checkpoint_records(no_lora_ckpt,
     cfg = json.loads((merged / "config.json").read_text())
     del cfg["quantization_config"]["qavatar"]["lora_merged"]
     (merged / "config.json").write_text(json.dumps(cfg))
+    from qavatar.checkpoint.writer import write_manifest
+
+    write_manifest(merged)  # as such a checkpoint was written: consistent with its own config
     assert require_lora(merged) is None
     req = InferRequest(str(merged), str(IMAGE), str(SPEECH), "", str(tmp_path / "o.mp4"), num_clip=1,
                        encoders=str(toy_ckpt))
@@ -225,10 +228,10 @@ def test_infer_draws_each_clips_noise_once_with_the_resolved_kind(no_lora_ckpt, 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))
     prep = prepare(InferRequest(str(no_lora_ckpt), str(IMAGE), str(SPEECH), "", str(tmp_path / "o.mp4"),
-                                device="cuda", no_lora=True))
+                                device="cuda", no_lora=True, overwrite=True))
     assert prep.noise == "reference"
     prep = prepare(InferRequest(str(no_lora_ckpt), str(IMAGE), str(SPEECH), "", str(tmp_path / "o.mp4"),
-                                device="cuda", no_lora=True, noise="cpu"))
+                                device="cuda", no_lora=True, noise="cpu", overwrite=True))
     assert prep.noise == "cpu"
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import fixture_dirs
+from conftest import fixture_dirs, fixture_with_case
 from qavatar.errors import ConfigError
 from qavatar.model import PRESETS, build_model, from_wan_config, resolve_config
 from qavatar.parallel import TPGroup
@@ -72,7 +72,7 @@ def test_fixture_config_builds_the_fixture_state_dict(fixture):
 
 
 def test_tiny_preset_is_the_fixture_config():
-    fixture = fixture_dirs()[0]
+    fixture = fixture_with_case("streaming")  # the model fixture (the pipeline one shares its config)
     cfg = from_wan_config(json.loads((fixture / "config.json").read_text()))
     tiny = PRESETS["tiny"]
     assert cfg.replace(name="tiny", lora_alpha=tiny.lora_alpha, default_size=tiny.default_size) == tiny

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import REPO, fixture_dirs
+from conftest import REPO, fixture_with_case
 from qavatar.checkpoint import CheckpointReader, load_dit, verify_manifest
 from qavatar.checkpoint.inspect import format_report, inspect_checkpoint
 from qavatar.cli import app
@@ -148,7 +148,7 @@ FLOORS = {"int8": 40.0, "fp8": 30.0, "int8-wo": 42.0, "fp8-wo": 31.0}
 
 @pytest.mark.parametrize("precision", list(FLOORS))
 def test_quality_floor_on_the_fixture_stream(precision):
-    fx = Fixture(fixture_dirs()[0])
+    fx = Fixture(fixture_with_case("streaming"))
     case = next(c for c in fx.cases if c["name"] == "streaming")
     golden = torch.cat([fx[f"streaming.block{b}.final_latents"] for b in range(5)], dim=1)[None]
     model = quantize_(fx.model(), QuantConfig(precision))

@@ -209,7 +209,7 @@ def test_stream_latents_out_at_tp2_equals_tp1(checkpoints, tmp_path):
     """`python -m qavatar.parallel.stream --latents-out`: the host rank writes every block's latents; int8 at TP=2
     equals the same stream at TP=1, bit for bit, at the per-rank thread count."""
     from qavatar.parallel.stream import main, stream_latents
-    from qavatar.pipeline.latents_out import LatentsOutError, load_latents
+    from qavatar.pipeline.latents_out import LatentsOutError, check_latents_out, load_latents
 
     out = tmp_path / "lat.safetensors"
     assert main(["--checkpoint", str(checkpoints["int8"]), "--tp", "2", "--blocks", "2", "--seed", "3",
@@ -226,5 +226,8 @@ def test_stream_latents_out_at_tp2_equals_tp1(checkpoints, tmp_path):
         torch.set_num_threads(threads)
     assert torch.equal(latents, ref)
     assert not list(tmp_path.glob(".*partial*"))
-    with pytest.raises(LatentsOutError, match="is a directory"):
-        main(["--checkpoint", str(checkpoints["int8"]), "--latents-out", str(tmp_path)])
+    with pytest.raises(LatentsOutError, match="is a directory"):  # the check main() runs first
+        check_latents_out(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "qavatar.parallel.stream", "--checkpoint", str(checkpoints["int8"]),
+                        "--latents-out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "is a directory" in r.stderr

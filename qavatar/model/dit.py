@@ -222,10 +222,11 @@ class LiveAvatarDiT(nn.Module):
         """The blocks of one streaming call; grid = (frames, gh, gw) of the block's tokens."""
         frames, gh, gw = grid
         split, theta = self.cfg.rope_split, self.cfg.rope_theta
+        h = [h]  # handed to run_blocks without a name here, so the block input is freed after the first block
         rope = rope_table(video_positions(start_frame, frames, gh, gw), split, theta)
         sink_rope = rope_table(sink.shifted_positions(sink_shift), split, theta)
         start = start_frame * gh * gw
-        return self.run_blocks(h, e0, rope, context, Segments(frames, gh * gw), audio,
+        return self.run_blocks(h.pop(), e0, rope, context, Segments(frames, gh * gw), audio,
                                kv=lambda i: LayerKV("stream", i, sink, rolling, start, sink_rope), layers=layers)
 
     def stream_head(self, h: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -243,8 +244,10 @@ class LiveAvatarDiT(nn.Module):
         if not sink.ready:
             raise RuntimeError("prefill_sink must run before forward_stream")
         grid = (x.shape[2], *self._grid(x))
-        h, e, e0 = self.stream_embed(x, t, cond_states)
-        h = self.stream_layers(h, e0, context, audio, rolling, sink, start_frame, sink_shift, grid)
+        e, e0 = self.embed_time(t)
+        # the embedded tokens go straight into the blocks, unnamed, so they are freed after the first block
+        h = self.stream_layers(self.embed_video(x, cond_states) + self.trainable_cond_mask.weight[NOISY].to(self.dtype),
+                               e0, context, audio, rolling, sink, start_frame, sink_shift, grid)
         return self.stream_head(h, e, grid)
 
 def build_model(spec: "str | dict | ModelConfig" = "liveavatar-14b", tp: TPGroup = SINGLE,

@@ -146,10 +146,10 @@ def prepare(req: InferRequest) -> Prepared:
             raise ConfigError("--device cuda but no CUDA GPU is visible")
         ranks = max(req.tp * req.pp, req.gpus or 0)
         if ranks > torch.cuda.device_count() and "WORLD_SIZE" not in os.environ:
-            raise ConfigError(f"--tp {req.tp} --pp {req.pp} --gpus {req.gpus} needs {ranks} GPUs but only "
-                              f"{torch.cuda.device_count()} are visible (CUDA_VISIBLE_DEVICES="
-                              f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use fewer ranks, or multi-node "
-                              f"torchrun")
+            flags = f"--tp {req.tp}" + (f" --pp {req.pp}" if req.pp > 1 else "") + (f" --gpus {req.gpus}" if req.gpus else "")
+            raise ConfigError(f"{flags} but only {torch.cuda.device_count()} GPU(s) are visible ({ranks} needed; "
+                              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use fewer "
+                              f"ranks, or multi-node torchrun")
     if req.tp < 1:
         raise ConfigError("--tp must be at least 1")
     if req.pp < 1:
