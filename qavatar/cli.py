@@ -246,7 +246,7 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
                                                                 "(the undistilled base model)."),
           noise: Optional[str] = typer.Option(None, help="reference (the reference's bf16 CUDA draws; default on "
                                                          "GPUs) | cpu (fp32 CPU generator; default on the CPU)."),
-          overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+          overwrite: bool = typer.Option(False, help="Replace --out (and --latents-out) if it exists."),
           kv_dtype: str = typer.Option("bf16", help="KV caches: bf16 (the compute dtype) | fp8 | int8, 8-bit with "
                                                     "per-(token, head) scales (docs/kv_cache.md).")) -> None:
     """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""

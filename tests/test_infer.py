@@ -160,9 +160,11 @@ def test_latents_out_is_written_atomically_or_not_at_all(ckpts, tmp_path, monkey
             raise RuntimeError("simulated crash in block 3")
         return real(self, *a, **k)
 
+    with pytest.raises(QavatarError, match=r"--latents-out .*lat.safetensors already exists; pass --overwrite"):
+        _run(ckpts["int8"], tmp_path / "o.mp4", latents_out=lat)
     monkeypatch.setattr(StreamingSession, "denoise_block", flaky)
     with pytest.raises(RuntimeError, match="block 3"):
-        _run(ckpts["int8"], tmp_path / "o.mp4", latents_out=lat)
+        _run(ckpts["int8"], tmp_path / "o.mp4", latents_out=lat, overwrite=True)
     assert lat.read_bytes() == b"previous latents" and not list(tmp_path.glob(".*partial*"))
 
 

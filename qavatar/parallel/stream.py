@@ -207,9 +207,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
                     help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "
                          "int32 reduction; not bit-identical to one GPU)")
     ap.add_argument("--latents-out", help="write the latents (every block, float32) to this safetensors file")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --latents-out file")
     args = ap.parse_args(argv)
     check_args(args)
-    check_latents_out(args.latents_out)
+    check_latents_out(args.latents_out, args.overwrite)
     if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         reports = [_rank_main(int(os.environ["RANK"]), args)]
     elif args.tp * args.pp > 1:

@@ -59,7 +59,7 @@ class InferRequest:
     latents_out: Optional[str] = None  # also write the generated latents here (safetensors, host rank)
     no_lora: bool = False  # run a bf16 checkpoint without liveavatar.safetensors (else its absence is an error)
     noise: Optional[str] = None  # reference | cpu (pipeline/noise.py); default: reference on GPUs, cpu on the CPU
-    overwrite: bool = False  # replace an existing --out
+    overwrite: bool = False  # replace an existing --out and --latents-out
     kv_dtype: str = "bf16"  # KV caches: bf16 (the compute dtype) | fp8 | int8 with scales (model/kv_quant.py)
 
 
@@ -165,7 +165,7 @@ def prepare(req: InferRequest) -> Prepared:
         raise MediaError(f"--out {out} is a directory; give a file name such as {out / 'out.mp4'}")
     if not out.parent.is_dir():
         raise MediaError(f"--out {out}: directory {out.parent} does not exist")
-    check_latents_out(req.latents_out)
+    check_latents_out(req.latents_out, req.overwrite)
 
     parts = locate(req.checkpoint, req.encoders)
     from ..checkpoint.load import require_lora

@@ -30,8 +30,9 @@ class LatentsOutError(QavatarError):
     pass
 
 
-def check_latents_out(path: "str | Path | None") -> None:
-    """Before anything expensive: the file's directory exists and the name is not a directory."""
+def check_latents_out(path: "str | Path | None", overwrite: bool = False) -> None:
+    """Before anything expensive: the file's directory exists, the name is not a directory, and an existing
+    file is replaced only with --overwrite (as for --out: a previous run's latents are evidence)."""
     if path is None:
         return
     p = Path(path)
@@ -39,6 +40,8 @@ def check_latents_out(path: "str | Path | None") -> None:
         raise LatentsOutError(f"--latents-out {p} is a directory; give a file name such as {p / 'latents.safetensors'}")
     if not p.parent.is_dir():
         raise LatentsOutError(f"--latents-out {p}: directory {p.parent} does not exist")
+    if p.exists() and not overwrite:
+        raise LatentsOutError(f"--latents-out {p} already exists; pass --overwrite to replace it, or choose another name")
 
 
 class LatentsWriter:
