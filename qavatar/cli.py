@@ -138,7 +138,7 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
          kv_dtype: str = typer.Option("bf16", help="KV cache dtype: bf16 | fp8 | int8 (8-bit: with fp32 scales per "
                                                    "token and head, counted)."),
          t5: str = typer.Option("cpu", help="Where umT5 runs: cpu | gpu."),
-         vae: str = typer.Option("gpu", help="Where the VAE decodes: gpu (last rank) | cpu."),
+         vae: str = typer.Option("gpu", help="Where the VAE decodes: gpu (the host rank: the last TP rank of the first stage) | cpu."),
          wav2vec2: str = typer.Option("cpu", help="Where wav2vec2 runs: cpu | gpu."),
          replicated: bool = typer.Option(False, "--replicated", help="The reference layout: a whole DiT per GPU."),
          pipeline: int = typer.Option(1, help="Sampler-step pipeline stages, each TP over gpus/pipeline ranks "

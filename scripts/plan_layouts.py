@@ -29,7 +29,7 @@ def table(title: str, gpu: str, gpus: int, vram: str, precision: str, kv: str, s
         name = f"TP={o['tp']}" if o["pp"] == 1 else (
             f"PP={o['pp']}" if o["tp"] == 1 else f"PP={o['pp']} x TP={o['tp']}")
         mark = "**" if i == out["recommended"] else ""
-        vae = {"last": "last rank", "rank": "own rank", "cpu": "CPU"}[o["vae"]]
+        vae = {"host": "host rank", "rank": "own rank", "cpu": "CPU"}[o["vae"]]
         lines.append(f"| {mark}{name}{mark} | {o['gpus']} | {vae} | {'yes' if o['fits'] else 'no'} | "
                      f"{o['peak_bytes_per_rank'] / 2**30:.2f} | {o['bytes_between_ranks_per_block'] / 1e6:,.1f} | "
                      f"{o['block_seconds']:.3f} | {o['fps']:.2f} | {o['bottleneck']} |")

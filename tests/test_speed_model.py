@@ -241,14 +241,14 @@ def test_layouts_json_contract(done_when):
     assert best["fps"] == pytest.approx(12 / best["block_seconds"])
     # the plan above it is still the TP=4 memory plan (unchanged contract)
     assert out["tp"] == 4 and out["fits"] and out["peak_bytes_per_rank"] == next(
-        o["peak_bytes_per_rank"] for o in out["layouts"] if (o["tp"], o["pp"], o["vae"]) == (4, 1, "last"))
+        o["peak_bytes_per_rank"] for o in out["layouts"] if (o["tp"], o["pp"], o["vae"]) == (4, 1, "host"))
 
 
 def test_done_when_pp_beats_tp4_on_4090s(done_when):
     """The issue's goal on 4 x 4090: the recommended layout is compute-bound, >= 2x TP=4's fps and <= 1/20 of its
     bytes; TP=4 itself waits on the host-staged link."""
     best = done_when["layouts"][done_when["recommended"]]
-    tp4 = next(o for o in done_when["layouts"] if (o["tp"], o["pp"], o["vae"]) == (4, 1, "last"))
+    tp4 = next(o for o in done_when["layouts"] if (o["tp"], o["pp"], o["vae"]) == (4, 1, "host"))
     assert (best["tp"], best["pp"]) == (1, 4)
     assert best["bottleneck"] == "compute" and tp4["bottleneck"] == "link"
     assert best["fps"] >= 2 * tp4["fps"]
@@ -276,19 +276,19 @@ def test_speed_model_regimes():
 
     req = PlanRequest(B14, gpus=8, vram=24 * GiB, precision="fp8")
     opts = {(o.tp, o.pp, o.vae): o for o in layouts(req, get_profile("rtx4090"))}
-    assert opts[(1, 8, "last")].bottleneck == "bubble"  # 8 stages, 4 steps: half the stages idle
+    assert opts[(1, 8, "host")].bottleneck == "bubble"  # 8 stages, 4 steps: half the stages idle
     # one pass through all 8 stages per block, longer than the busiest stage's 4 items
-    assert opts[(1, 8, "last")].block_seconds > max(opts[(1, 8, "last")].stage_seconds)
+    assert opts[(1, 8, "host")].block_seconds > max(opts[(1, 8, "host")].stage_seconds)
     # a fast link turns TP compute-bound, and TP=4 then beats 4 stages' hand-offs only by rounding
     fast = {(o.tp, o.pp, o.vae): o for o in layouts(PlanRequest(B14, gpus=4, precision="fp8"),
                                                      get_profile("rtx4090", link_gbps=10_000))}
-    assert fast[(4, 1, "last")].bottleneck == "compute"
-    assert fast[(4, 1, "last")].block_seconds < 1.2 * fast[(1, 4, "last")].block_seconds
+    assert fast[(4, 1, "host")].bottleneck == "compute"
+    assert fast[(4, 1, "host")].block_seconds < 1.2 * fast[(1, 4, "host")].block_seconds
     # --tflops doubles the chip: compute-bound layouts take about half the time
     double = {(o.tp, o.pp, o.vae): o for o in layouts(PlanRequest(B14, gpus=4, precision="fp8"),
                                                        get_profile("rtx4090", tflops=2 * 165.2))}
     base = {(o.tp, o.pp, o.vae): o for o in layouts(PlanRequest(B14, gpus=4, precision="fp8"), get_profile("rtx4090"))}
-    assert double[(1, 4, "last")].block_seconds == pytest.approx(base[(1, 4, "last")].block_seconds / 2, rel=0.05)
+    assert double[(1, 4, "host")].block_seconds == pytest.approx(base[(1, 4, "host")].block_seconds / 2, rel=0.05)
     h100 = layouts(PlanRequest(B14, gpus=8, vram=80 * GiB, precision="fp8"), get_profile("h100-sxm"))
     assert h100[recommended(h100)].bottleneck == "compute"
 

@@ -52,13 +52,13 @@ class PlanRequest:
     compute_dtype: str = "bf16"
     steps: int = 4
     t5: str = "cpu"  # where the umT5 encoder runs: cpu | gpu (rank 0)
-    vae: str = "gpu"  # gpu: the last rank decodes | cpu
+    vae: str = "gpu"  # gpu: the host rank decodes (the last TP rank of the first stage) | cpu
     wav2vec2: str = "cpu"
     attention: str = "flash"  # flash (GPU kernels, no score matrix) | math (scores materialised)
     replicated_dit: bool = False  # the reference layout (TPP): a whole DiT per GPU, one sampler step each
     pipeline: int = 1  # sampler-step pipeline stages, each a TP group of gpus/pipeline ranks (sizing only)
     pp: int = 1  # layer stages of the pipeline layout (stages.py), each a TP group of (gpus - vae_rank) / pp ranks
-    vae_rank: bool = False  # the VAE decodes on a rank of its own (the reference's 5th GPU), not the last DiT rank
+    vae_rank: bool = False  # the VAE decodes on a rank of its own (the reference's 5th GPU), not the host rank
     exact_int8_reduce: bool = True  # int8 W8A8 row-parallel layers all-reduce int32 (False: --bf16-reduce)
     stored: Optional[dict[str, tuple[int, ...]]] = None  # checkpoint key shapes, for the exact quantized tree
 
@@ -359,10 +359,13 @@ def make_plan(req: PlanRequest) -> Plan:
         ranges = stage_layers(cfg, req.pp, (req.size[0] // 8, req.size[1] // 8))
     else:
         ranges = [(0, cfg.num_layers)]
+    # The host rank runs the encoders and the VAE besides its DiT slice, as the runtime does
+    # (pipeline/infer.py): the last TP rank of the first stage.
+    host_rank = tp - 1 if req.pp > 1 else dit_ranks - 1
     for rank in range(req.gpus):
         group = TPGroup(rank % tp, tp)
         stage = min(rank // tp, len(ranges) - 1)
-        first, last = rank == 0, rank == req.gpus - 1
+        host = rank == host_rank
         if rank >= dit_ranks:
             b = {k: 0 for k in ranks[0].breakdown}
             b["vae"] = ENCODERS["vae_decoder"] * c + vae_decode_bytes(req.size, compute) if req.vae == "gpu" else 0
@@ -384,10 +387,10 @@ def make_plan(req: PlanRequest) -> Plan:
             from .comm import handoff_bytes
 
             b["pipeline_buffers"] = 2 * handoff_bytes(cfg, (req.size[0] // 8, req.size[1] // 8), compute)
-        b["t5"] = ENCODERS["t5"] * c if (req.t5 == "gpu" and first) else 0
-        b["wav2vec2"] = ENCODERS["wav2vec2"] * c if (req.wav2vec2 == "gpu" and first) else 0
+        b["t5"] = ENCODERS["t5"] * c if (req.t5 == "gpu" and host) else 0
+        b["wav2vec2"] = ENCODERS["wav2vec2"] * c if (req.wav2vec2 == "gpu" and host) else 0
         b["vae"] = (ENCODERS["vae_decoder"] * c + vae_decode_bytes(req.size, compute)) \
-            if (req.vae == "gpu" and last and dit_ranks == req.gpus) else 0
+            if (req.vae == "gpu" and host and dit_ranks == req.gpus) else 0
         b["reserve"] = RESERVE_BYTES
         ranks.append(RankPlan(rank, b))
     return Plan(req, tp, params, fs, lc, ranks, act_detail)
@@ -421,9 +424,11 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"{verdict}: largest rank {plan.peak_bytes_per_rank / GiB:.2f} GiB of {req.vram / GiB:.0f} GiB "
                  f"({'headroom' if plan.fits else 'short by'} {abs(plan.headroom) / GiB:.2f} GiB); reserve "
                  f"{RESERVE_BYTES / GiB:.1f} GiB for CUDA context, workspaces and fragmentation included")
-    notes = ["T5 on " + ("rank 0" if req.t5 == "gpu" else "CPU (prompt embeddings cached on disk)"),
-             "wav2vec2 on " + ("rank 0" if req.wav2vec2 == "gpu" else "CPU"),
-             "VAE decode on " + (f"rank {req.gpus - 1}" if req.vae == "gpu" else "CPU") + " (activation estimate)"]
+    host = plan.tp - 1 if req.pp > 1 else (req.gpus - 1 if not req.vae_rank else req.gpus - 2)
+    vae_at = req.gpus - 1 if req.vae_rank else host
+    notes = ["T5 on " + (f"rank {host}" if req.t5 == "gpu" else "CPU (prompt embeddings cached on disk)"),
+             "wav2vec2 on " + (f"rank {host}" if req.wav2vec2 == "gpu" else "CPU"),
+             "VAE decode on " + (f"rank {vae_at}" if req.vae == "gpu" else "CPU") + " (activation estimate)"]
     lines.append("placement: " + "; ".join(notes))
     return "\n".join(lines)
 
@@ -457,7 +462,7 @@ def choose_layout(req: PlanRequest, gpu: str = "rtx4090", link_gbps: Optional[fl
     """(tp, pp) of the fastest layout that fits (parallel/speed.py), for `infer --layout auto`.
 
     world: the ranks already started; only layouts with exactly that many ranks count (with the VAE on the
-    last DiT rank, or on a rank of its own when allow_vae_rank). Raises ConfigError when none fits.
+    host rank, or on a rank of its own when allow_vae_rank). Raises ConfigError when none fits.
     """
     from dataclasses import replace
 

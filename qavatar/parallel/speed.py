@@ -191,7 +191,7 @@ def get_profile(name: str, link_gbps: Optional[float] = None, tflops: Optional[f
 class LayoutEstimate:
     tp: int
     pp: int
-    vae: str  # "last" (the last DiT rank decodes), "rank" (a rank of its own), "cpu" (not on the GPUs)
+    vae: str  # "host" (the host rank decodes: last TP rank of stage 0), "rank" (a rank of its own), "cpu" (not on the GPUs)
     gpus: int  # GPUs the layout uses
     fits: bool
     peak_bytes_per_rank: int
@@ -251,7 +251,7 @@ def estimate(req, tp: int, pp: int, vae: str, gpu: GpuProfile):
         stage_busy = steps * (t_call + t_link)
         if j == 0:
             stage_busy += audio_encoder_flops(cfg) / bf16
-        if j == pp - 1 and vae == "last":
+        if j == 0 and vae == "host":
             stage_busy += vae_s
         busy.append(stage_busy)
         computes.append(steps * t_call)
@@ -277,11 +277,11 @@ def estimate(req, tp: int, pp: int, vae: str, gpu: GpuProfile):
 
 def layouts(req, gpu: GpuProfile) -> list[LayoutEstimate]:
     """Every layout on up to req.gpus GPUs: TP degree T (dividing the heads) x S layer stages, S*T <= gpus,
-    with the VAE on the last DiT rank or on one more rank (when a GPU is left for it)."""
+    with the VAE on the host rank or on one more rank (when a GPU is left for it)."""
     from .plan import valid_degrees
 
     out = []
-    placements = ("cpu",) if req.vae == "cpu" else ("last", "rank")
+    placements = ("cpu",) if req.vae == "cpu" else ("host", "rank")
     for tp in valid_degrees(req.config, req.gpus):
         for pp in range(1, min(req.gpus // tp, req.config.num_layers) + 1):
             for vae in placements:
@@ -315,7 +315,7 @@ def format_layouts(req, gpu: GpuProfile, options: list[LayoutEstimate], best: Op
              f"{'s/block':>9s}{'fps':>7s}  bottleneck"]
     for i, o in enumerate(options):
         name = f"TP={o.tp}" if o.pp == 1 else (f"PP={o.pp}" if o.tp == 1 else f"PP={o.pp} x TP={o.tp}")
-        vae = {"last": "last", "rank": "own", "cpu": "cpu"}[o.vae]
+        vae = {"host": "host", "rank": "own", "cpu": "cpu"}[o.vae]
         lines.append(f"{'*' if i == best else ' '} {name:18s}{o.gpus:5d}{vae:>7s}{'yes' if o.fits else 'no':>6s}"
                      f"{o.peak_bytes_per_rank / 2**30:10.2f}{o.bytes_between_ranks_per_block / 1e6:15.1f}"
                      f"{o.block_seconds:9.3f}{o.fps:7.2f}  {o.bottleneck}")
