@@ -180,7 +180,8 @@ def build_app(server: Server):
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", elem_id="cancel")
             with gr.Column():
-                video = gr.Video(label="Avatar (streamed)", streaming=True, autoplay=True, elem_id="stream")
+                video = gr.Video(label="Avatar (streamed)", streaming=True, autoplay=True, height=420,
+                                 elem_id="stream")
                 status = gr.Markdown("idle", elem_id="status")
                 download = gr.File(label="Download mp4", elem_id="download")
         gr.Examples(_examples(), inputs=[image, audio, prompt])
@@ -204,6 +205,9 @@ def serve(req, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float =
 
     if req.pp > 1:
         raise ConfigError("qavatar serve runs tensor-parallel rank groups (--tp); --pp is not supported yet")
+    from ..leftovers import install_terminate_handler
+
+    restore = install_terminate_handler()  # SIGTERM: the finally below stops the ranks and removes the temp dir
     root = Path(tempfile.mkdtemp(prefix="qavatar-serve-"))
     os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")  # Gradio's uploads and cache stay in our dir
     group = None
@@ -222,7 +226,8 @@ def serve(req, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float =
 
         app.launch(server_name=host, server_port=port, allowed_paths=[str(BUNDLED)], max_file_size=f"{max_upload_mb:g}mb",
                    prevent_thread_lock=True, quiet=True, show_error=True)
-        say(f"qavatar serve: http://{host}:{port} ready", )
+        restore_gradio = install_terminate_handler()  # launch() put its own handler on SIGTERM
+        say(f"qavatar serve: http://{host}:{port} ready")
         try:
             while not group.dead:
                 time.sleep(0.5)
@@ -230,8 +235,10 @@ def serve(req, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float =
             while True:  # keep the page up to say so; the operator restarts the server
                 time.sleep(3600)
         finally:
+            restore_gradio()
             app.close()
     finally:
         if group is not None:
             group.close()
         shutil.rmtree(root, ignore_errors=True)
+        restore()

@@ -118,8 +118,12 @@ def _entry(rank: int, world: int, port: int, prep, jobs, events, failures, cance
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from ..leftovers import Terminated
+
     try:
         serve_rank(rank, prep, jobs, events, cancel)
+    except Terminated:  # the server stopping us: not a failure to report
+        raise SystemExit(143) from None
     except BaseException as e:
         failures.put((rank, "error", _message(e) if isinstance(e, QavatarError) else
                       traceback.format_exc(limit=6)))
