@@ -37,7 +37,7 @@ CLIPS = 2  # 8 blocks a job: long enough to see the stream play while blocks are
 
 
 class Server:
-    def __init__(self, ckpt: Path, tp: int, tmp: Path):
+    def __init__(self, ckpt: Path, tp: int, tmp: Path, clips: int = CLIPS):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(REPO), QAVATAR_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1",
@@ -45,7 +45,7 @@ class Server:
         self.log = tmp / f"serve-tp{tp}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qavatar.cli", "serve", "--checkpoint", str(ckpt), "--tp", str(tp), "--port",
-             str(self.port), "--device", "cpu", "--num-clip", str(CLIPS), "--timeout", "120"],
+             str(self.port), "--device", "cpu", "--num-clip", str(clips), "--timeout", "120"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp)
         lines = []
         deadline = time.monotonic() + 300
@@ -63,6 +63,11 @@ class Server:
         if self.proc.poll() is not None:
             raise AssertionError(f"the server exited with {self.proc.returncode}:\n{''.join(lines)}")
         self.lines = lines
+
+    def ranks(self) -> list[int]:
+        """The pids of the rank processes (spawned children, not multiprocessing's resource tracker)."""
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
     def stop(self) -> str:
         self.proc.terminate()
@@ -183,10 +188,12 @@ def test_queue_position_and_cancel_leave_the_ranks_ready(server_tp2, browser):
     b.close()
 
 
-def test_generate_api_at_tp1_and_one_line_media_errors(toy_ckpt, tmp_path):
+def test_generate_api_at_tp1_media_errors_and_a_dead_rank(toy_ckpt, tmp_path):
+    import signal
+
     from gradio_client import Client, handle_file
 
-    s = Server(toy_ckpt, 1, tmp_path)
+    s = Server(toy_ckpt, 1, tmp_path, clips=1)
     try:
         client = Client(s.url, verbose=False)
         bad = tmp_path / "portrait.png"
@@ -197,8 +204,21 @@ def test_generate_api_at_tp1_and_one_line_media_errors(toy_ckpt, tmp_path):
         out = client.predict(handle_file(str(IMAGE)), handle_file(str(SPEECH)), "a person talking",
                              api_name="/generate")
         info = probe(out)
-        assert (info["frames"], info["height"], info["width"]) == (93, 128, 64)
-        assert abs(info["audio_seconds"] - 93 / 25) < 1024 / info["audio_rate"] + 1e-6
+        assert (info["frames"], info["height"], info["width"]) == (45, 128, 64)
+        assert abs(info["audio_seconds"] - 45 / 25) < 1024 / info["audio_rate"] + 1e-6
+
+        (rank,) = s.ranks()
+        os.kill(rank, signal.SIGKILL)  # a dead rank: the next request is told to restart, nothing hangs
+        deadline = time.monotonic() + 60
+        while True:
+            with pytest.raises(Exception) as e:
+                client.predict(handle_file(str(IMAGE)), handle_file(str(SPEECH)), "x", api_name="/generate")
+            if "restart" in str(e.value) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert "rank 0 was killed by signal 9" in str(e.value) and "restart `qavatar serve`" in str(e.value), \
+            str(e.value)
     finally:
         log = s.stop()
     assert "Traceback" not in log, log
+    assert "rank 0 was killed by signal 9" in log, log

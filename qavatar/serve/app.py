@@ -77,8 +77,9 @@ class Server:
             raise type(e)(msg) from None
         return d, prep
 
-    def run(self, session: str, image, audio, prompt, steps, seed, size, clips, kv_dtype):
-        """Yields (segment path or None, status markdown, mp4 path or None) as the job goes."""
+    def run(self, session: str, image, audio, prompt, steps, seed, size, clips, kv_dtype, stream: bool = True):
+        """Yields (segment path or None, status markdown, mp4 path or None) as the job goes; stream=False (the
+        API) writes no segments."""
         from ..pipeline.clips import DROP_FRAMES
         from ..pipeline.media import load_audio
         from .segments import write_segment
@@ -92,7 +93,7 @@ class Server:
             raise GroupDead(self.group.dead)
         d, prep = self.prepare_job(image, audio, prompt, steps, seed, size, clips, kv_dtype)
         fps = prep.cfg.sample_fps
-        wave = load_audio(prep.request.audio)
+        wave = load_audio(prep.request.audio) if stream else None
         per_clip = prep.cfg.clip_latent_frames // prep.cfg.num_frames_per_block
         t0 = last = time.perf_counter()
         first_segment_s = None
@@ -103,7 +104,8 @@ class Server:
             for kind, payload in self.group.run(prep):
                 if kind == "frames":
                     now = time.perf_counter()
-                    seg = write_segment(d / f"seg{block:04d}.ts", payload, fps, wave, frames, DROP_FRAMES / fps)
+                    seg = write_segment(d / f"seg{block:04d}.ts", payload, fps, wave, frames, DROP_FRAMES / fps) \
+                        if stream else None
                     if first_segment_s is None:
                         first_segment_s = time.perf_counter() - t0
                     block, frames = block + 1, frames + payload.shape[0]
@@ -111,7 +113,7 @@ class Server:
                               f"{prep.clips}, {frames}/{prep.frames} frames; last block {now - last:.1f} s; first "
                               f"segment after {first_segment_s:.1f} s")
                     last = now
-                    yield str(seg), status, None
+                    yield (str(seg) if seg else None), status, None
                 elif kind == "done":
                     yield None, (f"done: {payload['frames']} frames in {payload['seconds']:.1f} s, {block} blocks "
                                  f"streamed; first segment after {first_segment_s:.1f} s"), payload["out"]
@@ -149,7 +151,7 @@ def build_app(server: Server):
         out = None
         try:
             for _, _, mp4 in server.run("api:" + (request.session_hash if request else ""), image, audio, prompt,
-                                        base.sample_steps, base.seed, None, None, base.kv_dtype):
+                                        base.sample_steps, base.seed, None, base.num_clip, base.kv_dtype, stream=False):
                 out = mp4 or out
         except QavatarError as e:
             raise gr.Error(str(e), print_exception=False) from None
@@ -205,6 +207,10 @@ def serve(req, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float =
 
     if req.pp > 1:
         raise ConfigError("qavatar serve runs tensor-parallel rank groups (--tp); --pp is not supported yet")
+    missing = [b for b in ("ffmpeg", "ffprobe") if shutil.which(b) is None]
+    if missing:
+        raise ConfigError(f"qavatar serve streams through Gradio's video output, which needs the {' and '.join(missing)} "
+                          f"binary: install ffmpeg (apt-get install ffmpeg)")
     from ..leftovers import install_terminate_handler
 
     restore = install_terminate_handler()  # SIGTERM: the finally below stops the ranks and removes the temp dir

@@ -152,13 +152,11 @@ class RankGroup:
         """Start the ranks and wait (bounded) until they have loaded."""
         import multiprocessing
 
-        import torch
-
         from ..parallel.launch import free_port
 
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized() \
-            else "spawn"
-        ctx = multiprocessing.get_context(method)
+        # spawn, never fork: the server has run torch ops (prepare) and started threads (OpenMP's pool, the web
+        # server's); a forked rank can deadlock on a lock one of them held
+        ctx = multiprocessing.get_context("spawn")
         self._jobs, self._events, self._failures = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self._cancel = ctx.Event()
         port = free_port()
