@@ -107,7 +107,9 @@ WATCH = """() => {
     window.__q[what] = {t: performance.now(), status: s ? s.innerText : '',
                         download: !!document.querySelector('#download a')};
   };
+  window.__q.stalls = 0;
   document.addEventListener('playing', () => note('playing'), true);
+  document.addEventListener('waiting', () => { window.__q.stalls += 1; }, true);
   document.addEventListener('timeupdate', (e) => { if (e.target.currentTime > 0) note('advanced'); }, true);
   window.__q.click = performance.now();
 }"""
@@ -155,9 +157,12 @@ def test_page_streams_before_generation_ends_then_offers_the_mp4(server_tp2, bro
     assert info["first_frame"].std() > 5
 
     page.wait_for_timeout(500)
+    played = page.evaluate("[...document.querySelectorAll('video')].map(v => v.currentTime)")
+    stalls = page.evaluate("window.__q.stalls")
     page.screenshot(path=str(REPO / "docs" / "serve.png"), full_page=True)
     print(f"\ntime to first frame (click -> <video> playing): {first_play_s:.2f} s; first segment: "
-          f"{re.search(r'first segment after ([0-9.]+) s', status).group(1)} s; {status}")
+          f"{re.search(r'first segment after ([0-9.]+) s', status).group(1)} s; {status}; played {played} s "
+          f"with {stalls} stalls ('waiting' events)")
     page.close()
 
 

@@ -41,27 +41,39 @@ class Server:
         self.jobs_dir = root / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.running_session: Optional[str] = None
+        self.pending: set[str] = set()  # sessions that clicked Generate and wait in the queue
         self.cancelled: set[str] = set()  # sessions that cancelled while queued
+        self.session_dirs: dict[str, list[Path]] = {}  # removed when the session's page goes away
         self._lock = threading.Lock()
         self._n = 0
 
-    def new_job_dir(self) -> Path:
+    def new_job_dir(self, session: str) -> Path:
         from .uploads import sweep
 
         sweep(self.jobs_dir, JOB_TTL_S)
         with self._lock:
             self._n += 1
             n = self._n
-        return Path(tempfile.mkdtemp(prefix=f"job{n:04d}-", dir=self.jobs_dir))
+        d = Path(tempfile.mkdtemp(prefix=f"job{n:04d}-", dir=self.jobs_dir))
+        self.session_dirs.setdefault(session, []).append(d)
+        return d
 
-    def prepare_job(self, image, audio, prompt, steps, seed, size, clips, kv_dtype):
+    def forget(self, session: str) -> None:
+        """The session's page closed: remove its jobs' files (a running job's dir goes with the next sweep)."""
+        if self.running_session == session:
+            self.group.cancel()  # nobody is watching it
+        for d in self.session_dirs.pop(session, []):
+            if self.running_session != session:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def prepare_job(self, session, image, audio, prompt, steps, seed, size, clips, kv_dtype):
         """(job dir, Prepared): uploads accepted and every cheap check of `infer` run. Raises QavatarError."""
         from ..errors import ConfigError
         from ..pipeline.infer import prepare
         from .uploads import accept, user_message
         from .worker import job_request
 
-        d = self.new_job_dir()
+        d = self.new_job_dir(session)
         img = accept(image, "image", d, self.max_upload_mb)
         aud = accept(audio, "audio", d, self.max_upload_mb)
         if kv_dtype not in KV_DTYPES:
@@ -85,13 +97,14 @@ class Server:
         from .segments import write_segment
         from .worker import GroupDead
 
+        self.pending.discard(session)
         if session in self.cancelled:
             self.cancelled.discard(session)
             yield None, "cancelled while queued", None
             return
         if self.group.dead:
             raise GroupDead(self.group.dead)
-        d, prep = self.prepare_job(image, audio, prompt, steps, seed, size, clips, kv_dtype)
+        d, prep = self.prepare_job(session, image, audio, prompt, steps, seed, size, clips, kv_dtype)
         fps = prep.cfg.sample_fps
         wave = load_audio(prep.request.audio) if stream else None
         per_clip = prep.cfg.clip_latent_frames // prep.cfg.num_frames_per_block
@@ -128,8 +141,10 @@ class Server:
         if self.running_session == session:
             self.group.cancel()
             return "cancelling at the next block boundary"
-        self.cancelled.add(session)
-        return "cancelled while queued"
+        if session in self.pending:
+            self.cancelled.add(session)
+            return "cancelled while queued"
+        return "nothing to cancel"
 
 
 def build_app(server: Server):
@@ -159,6 +174,13 @@ def build_app(server: Server):
             raise gr.Error("the generation was cancelled", print_exception=False)
         return out
 
+    def pending(request: gr.Request):
+        server.pending.add(request.session_hash)
+
+    def forget(request: gr.Request):
+        if request is not None:
+            server.forget(request.session_hash)
+
     def cancel(request: gr.Request):
         return server.cancel(request.session_hash)
 
@@ -187,9 +209,12 @@ def build_app(server: Server):
                 status = gr.Markdown("idle", elem_id="status")
                 download = gr.File(label="Download mp4", elem_id="download")
         gr.Examples(_examples(), inputs=[image, audio, prompt])
-        go.click(stream, [image, audio, prompt, steps, seed, size, clips, kv], [video, status, download],
-                 api_name="stream", concurrency_id="rank-group", concurrency_limit=1)
+        # marked at the click, before the queue, so that Cancel knows this session has a job waiting
+        go.click(pending, None, None, queue=False, api_visibility="private").then(
+            stream, [image, audio, prompt, steps, seed, size, clips, kv], [video, status, download],
+            api_name="stream", concurrency_id="rank-group", concurrency_limit=1)
         stop.click(cancel, None, status, queue=False)
+        app.unload(forget)
         api_in = gr.Button(visible=False)
         api_out = gr.File(visible=False)
         api_in.click(api_generate, [image, audio, prompt], api_out, api_name="generate", concurrency_id="rank-group",
