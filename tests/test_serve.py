@@ -166,6 +166,42 @@ def test_page_streams_before_generation_ends_then_offers_the_mp4(server_tp2, bro
     page.close()
 
 
+def test_bad_media_is_one_line_in_the_page(server_tp2, browser, tmp_path):
+    page = browser.new_page()
+    page.goto(server_tp2.url, wait_until="domcontentloaded")
+    page.wait_for_selector("#generate", timeout=60_000)
+    fake = tmp_path / "portrait.png"
+    fake.write_bytes(SPEECH.read_bytes())  # a wav named .png: the content decides
+    page.locator("#image input[type=file]").set_input_files(str(fake))
+    page.locator("#audio input[type=file]").set_input_files(str(SPEECH))
+    for box in ("#image", "#audio"):
+        page.wait_for_function(f"document.querySelector('{box}').innerText.includes('.')", timeout=60_000)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').innerText.startsWith('error:')", timeout=120_000)
+    assert _status(page).strip() == "error: portrait.png: not a readable image (UnidentifiedImageError)"
+    page.close()
+
+
+def test_uploads_are_checked_by_content_and_size(tmp_path):
+    from qavatar.pipeline.media import MediaError
+    from qavatar.serve.uploads import accept
+
+    job = tmp_path / "job"
+    job.mkdir()
+    renamed = tmp_path / "voice.png"
+    renamed.write_bytes(IMAGE.read_bytes())  # a png named .png... and one named like audio
+    sneaky = tmp_path / "speech.wav"
+    sneaky.write_bytes(IMAGE.read_bytes())
+    assert accept(renamed, "image", job) == job / "image" and (job / "image").read_bytes() == IMAGE.read_bytes()
+    with pytest.raises(MediaError, match=r"^speech\.wav: has no audio stream$"):
+        accept(sneaky, "audio", job)
+    with pytest.raises(MediaError, match=r"^p00\.wav: 0\.2 MB is over this server's upload limit of 0\.1 MB$"):
+        accept(SPEECH, "audio", job, max_mb=0.1)
+    with pytest.raises(MediaError, match="no image given"):
+        accept(None, "image", job)
+    assert sorted(x.name for x in job.iterdir()) == ["audio", "image"]  # only names the server chose
+
+
 def test_queue_position_and_cancel_leave_the_ranks_ready(server_tp2, browser):
     a, b = _open(browser, server_tp2.url), _open(browser, server_tp2.url)
     a.click("#generate")
