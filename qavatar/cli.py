@@ -274,6 +274,37 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
 
 
 @app.command()
+def serve(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 or quantized), the ckpt/ root, or "
+                                                   "ORG/NAME[@REVISION] on the Hub."),
+          tp: int = typer.Option(1, help="Tensor-parallel ranks, started once and kept loaded."),
+          pp: int = typer.Option(1, help="Pipeline stages (not supported by the server yet)."),
+          precision: Optional[str] = typer.Option(None, help="bf16, int8 or fp8 (default: the checkpoint's own)."),
+          host: str = typer.Option("127.0.0.1", help="Address to bind (localhost by default)."),
+          port: int = typer.Option(7860, help="Port of the page and the API."),
+          device: str = typer.Option("auto", help="auto, cuda or cpu."),
+          encoders: Optional[str] = typer.Option(None, help="Directory holding umT5, tokenizer, VAE and wav2vec2."),
+          num_clip: Optional[int] = typer.Option(None, help="Default clips per job (default: what the audio covers)."),
+          timeout: float = typer.Option(600, help="Seconds a rank may wait on the others."),
+          max_upload_mb: float = typer.Option(50, help="Largest upload accepted, in MB.")) -> None:
+    """A web page (and a gradio_client API) that streams the avatar while it is generated (docs/serve.md)."""
+    try:
+        import gradio  # noqa: F401 (the optional extra)
+
+        from .serve.app import serve as run_server
+    except ImportError as e:
+        _fail(QavatarError(f"qavatar serve needs the web extra: pip install 'qavatar[serve]' ({e.name} is missing)"))
+    from .demo import PORTRAIT, PROMPT, SPEECH
+    from .pipeline.infer import InferRequest
+
+    req = InferRequest(checkpoint, str(PORTRAIT), str(SPEECH), PROMPT, "", precision, tp, num_clip=num_clip,
+                       device=device, encoders=encoders, quiet=True, timeout_s=timeout, pp=pp)
+    try:
+        run_server(req, host=host, port=port, max_upload_mb=max_upload_mb, say=lambda m: print(m, flush=True))
+    except QavatarError as e:
+        _fail(e)
+
+
+@app.command()
 def push(ckpt: Path = typer.Argument(..., help="A complete qavatar checkpoint directory."),
          repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub."),
          private: bool = typer.Option(False, "--private", help="Create the repo private."),

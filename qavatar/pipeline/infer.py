@@ -262,14 +262,16 @@ class RankResult:
 class _Host:
     """What the host rank runs besides the DiT: encoders, streaming VAE, mp4 writer."""
 
-    def __init__(self, prep: Prepared, device: str, dtype: torch.dtype):
+    def __init__(self, prep: Prepared, device: str, dtype: torch.dtype, enc=None):
+        """enc: encoders already loaded (the server keeps them between jobs); None loads them here."""
         from .audio_encoder import AudioConditioning
         from .encoders import PipelineEncoders
 
         req = prep.request
         t = time.perf_counter()
-        enc = PipelineEncoders(prep.parts.encoders, prep.cfg, device, dtype, prompt_cache=req.prompt_cache,
-                               t5_precision=req.t5_precision)
+        if enc is None:
+            enc = PipelineEncoders(prep.parts.encoders, prep.cfg, device, dtype, prompt_cache=req.prompt_cache,
+                                   t5_precision=req.t5_precision)
         self.context = enc.encode_text(req.prompt)
         enc.text.release()
         self.vae = enc.vae
@@ -294,16 +296,71 @@ def _join(prep: Prepared):
     return tp, None, tp.rank == tp.size - 1
 
 
+class Cancelled(QavatarError):
+    """generate() stopped at a block boundary because its `stop` callback said so (the server's cancel)."""
+
+
+@dataclass
+class RankState:
+    """What a rank keeps between runs: its group and its DiT slice, loaded once (`qavatar serve` reuses it)."""
+    rank: int
+    tp: object
+    pipe: object
+    host: bool
+    device: str
+    dtype: torch.dtype
+    model: object
+    load_seconds: float = 0.0
+    bytes_read: int = 0
+    held_bytes: int = 0
+
+
+def join_rank(rank: int, prep: Prepared) -> RankState:
+    """Join the rank group; the model is loaded by load_state (the host runs its encoders in between)."""
+    tp, pipe, host = _join(prep)
+    device = f"cuda:{torch.cuda.current_device()}" if prep.device == "cuda" else "cpu"
+    dtype = torch.bfloat16 if prep.device == "cuda" else torch.float32
+    return RankState(rank, tp, pipe, host, device, dtype, None)
+
+
+def load_state(state: RankState, prep: Prepared) -> RankState:
+    """Load this rank's DiT slice into state."""
+    from ..parallel.load import load_rank
+    from ..quant import QuantConfig
+
+    t = time.perf_counter()
+    pipe = state.pipe
+    loaded = load_rank(prep.parts.dit, state.tp, dtype=state.dtype, device=state.device,
+                       lora=not prep.request.no_lora,
+                       quantize=QuantConfig(prep.runtime_quant) if prep.runtime_quant else None,
+                       stage=(pipe.layers, pipe.first, pipe.last) if pipe else None)
+    state.model = loaded.model
+    state.load_seconds, state.bytes_read = time.perf_counter() - t, loaded.bytes_read
+    state.held_bytes = loaded.param_bytes
+    return state
+
+
 def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> RankResult:
     """One rank of the run. With --tp every rank denoises every block in lockstep; with --pp each stage runs its
     layers of every call (parallel/pipeline.py). The host (the last TP rank of the first stage) also encodes,
     decodes and writes. Returns this rank's timings."""
+    t_start = time.perf_counter()
+    state = join_rank(rank, prep)
+    # encoders first: a broken input fails before the DiT load
+    side = _Host(prep, state.device, state.dtype) if state.host else None
+    return generate(load_state(state, prep), prep, side, on_frames, t_start=t_start)
+
+
+def generate(state: RankState, prep: Prepared, side: Optional[_Host],
+             on_frames: Optional[Callable[[torch.Tensor], None]] = None,
+             stop: Optional[Callable[[int], bool]] = None, t_start: Optional[float] = None) -> RankResult:
+    """One run on a loaded rank (side: the host's encoded inputs, None elsewhere). stop(b), when given, is asked
+    on every rank after block b is written; it must answer the same on every rank (the server broadcasts its
+    cancel flag), and True stops the run with Cancelled at that block boundary, the ranks left ready."""
     from ..model.kv_quant import kv_storage_dtype
     from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, \
         stream_sequential
-    from ..parallel.load import load_rank
     from ..parallel.pipeline import PipelineStage, schedule_for
-    from ..quant import QuantConfig
     from .latents_out import open_for_run
     from .clips import FrameStream
     from .noise import clip_noise
@@ -312,19 +369,10 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
     from .video_writer import Mp4Writer
 
     req, cfg = prep.request, prep.cfg
-    tp, pipe, host = _join(prep)
-    device = f"cuda:{torch.cuda.current_device()}" if prep.device == "cuda" else "cpu"
-    dtype = torch.bfloat16 if prep.device == "cuda" else torch.float32
-    res = RankResult(rank, host)
-    t_start = time.perf_counter()
-
-    side = _Host(prep, device, dtype) if host else None  # encoders first: a broken input fails before the DiT load
-    t = time.perf_counter()
-    loaded = load_rank(prep.parts.dit, tp, dtype=dtype, device=device, lora=not req.no_lora,
-                       quantize=QuantConfig(prep.runtime_quant) if prep.runtime_quant else None,
-                       stage=(pipe.layers, pipe.first, pipe.last) if pipe else None)
-    res.load_seconds, res.bytes_read, res.held_bytes = time.perf_counter() - t, loaded.bytes_read, loaded.param_bytes
-    model = loaded.model
+    tp, pipe, host, device, model = state.tp, state.pipe, state.host, state.device, state.model
+    res = RankResult(state.rank, host)
+    res.load_seconds, res.bytes_read, res.held_bytes = state.load_seconds, state.bytes_read, state.held_bytes
+    t_start = time.perf_counter() if t_start is None else t_start
     timesteps, sigmas = flow_match_schedule(req.sample_steps)
     per_clip = cfg.clip_latent_frames // cfg.num_frames_per_block
     src = tp.size - 1  # the host's rank in the (first stage's) TP group
@@ -371,6 +419,8 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
             res.clip_seconds.append(now - clock["clip"])
             clock["clip"] = now
             progress.clip_done(r)
+        if stop is not None and b < prep.blocks - 1 and stop(b):
+            raise Cancelled(f"cancelled after block {b + 1} of {prep.blocks}")
 
     try:
         latents_file = open_for_run(prep, tp.size) if host else None  # --latents-out
