@@ -61,6 +61,7 @@ class InferRequest:
     noise: Optional[str] = None  # reference | cpu (pipeline/noise.py); default: reference on GPUs, cpu on the CPU
     overwrite: bool = False  # replace an existing --out
     kv_dtype: str = "bf16"  # KV caches: bf16 (the compute dtype) | fp8 | int8 with scales (model/kv_quant.py)
+    compile: bool = False  # torch.compile every DiT block (model/compile.py); off by default, not yet measured on GPU
 
 
 @dataclass
@@ -257,6 +258,7 @@ class RankResult:
     cache_bytes: int = 0
     peak_gpu_bytes: int = 0
     out: Optional[str] = None
+    compile_seconds: float = 0.0  # --compile: wall time of the block calls that compiled a graph
 
 
 class _Host:
@@ -325,6 +327,9 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
                        stage=(pipe.layers, pipe.first, pipe.last) if pipe else None)
     res.load_seconds, res.bytes_read, res.held_bytes = time.perf_counter() - t, loaded.bytes_read, loaded.param_bytes
     model = loaded.model
+    if req.compile:
+        from ..model.compile import compile_blocks
+        compile_blocks(model)
     timesteps, sigmas = flow_match_schedule(req.sample_steps)
     per_clip = cfg.clip_latent_frames // cfg.num_frames_per_block
     src = tp.size - 1  # the host's rank in the (first stage's) TP group
@@ -402,6 +407,9 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
         progress.close()
         restore_signal()
     res.seconds = time.perf_counter() - t_start
+    if req.compile:
+        res.compile_seconds = model.compile_stats.seconds
+        _say(f"--compile: {model.compile_stats.summary()}")
     if prep.device == "cuda":
         res.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     return res
