@@ -88,9 +88,9 @@ def test_compiled_fixture_model_matches_the_reference(fixture_runs):
 
 def test_every_layer_shares_the_same_graphs(fixture_runs):
     _, _, stats, model = fixture_runs
-    # sink prefill + block 0 (window filling): 2 graphs for all layers, not one per layer
-    assert len(model.blocks) > 2
-    assert stats.graphs == 2, stats.summary()
+    # sink prefill + block 0 (window filling) + the audio injector: 3 graphs for all layers, not one per layer
+    assert len(model.blocks) > 2 and len(model.cfg.audio_inject_layers) > 1
+    assert stats.graphs == 3, stats.summary()
     assert stats.calls == len(model.blocks) * (1 + 4)  # the sink prefill, then 4 sampler steps
     assert stats.seconds > 0
 
@@ -128,12 +128,28 @@ def test_compiled_quantized_checkpoint_matches_eager(quantized_toys, toy_ckpt, p
     float_model = load_rank(toy_ckpt, SINGLE).model
     stats = compile_blocks(compiled)
     want, got, ref = (_full_window_call(m) for m in (eager, compiled, float_model))
-    assert stats.graphs == 2  # the sink prefill and the full-window call, for every layer
-    quant_err = (want - ref).abs().max().item()
-    compile_err = (got - want).abs().max().item()
+    assert stats.graphs == 3  # the sink prefill, the full-window call and the injector, for every layer
+    quant_err, compile_err = (want - ref).norm().item(), (got - want).norm().item()
     assert quant_err > 0
-    # compiling may move a few activations across an int8 rounding boundary: far below the quantization error
-    assert compile_err <= max(0.05 * quant_err, TOLERANCES["streaming"]), (compile_err, quant_err)
+    # compiling moves a few activations across an int8 rounding boundary (fused ops round differently): a small
+    # fraction of the quantization error, and 0 for fp8-wo up to float reassociation
+    assert compile_err <= max(0.1 * quant_err, TOLERANCES["streaming"]), (compile_err, quant_err)
+    print(f"{precision}: |compiled - eager| {compile_err:.2e}, |eager - float| {quant_err:.2e}")
+
+
+def test_the_audio_injector_is_one_graph_without_breaks():
+    from qavatar.model.audio import inject
+
+    prepare_tracing()
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    model = quantize_(build_model(cfg).eval(), QuantConfig("int8"))
+    inj, g = model.audio_injector, torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3 * 8, cfg.dim, generator=g)
+    audio = (torch.randn(1, 3, 1, cfg.dim, generator=g), torch.randn(1, 3, cfg.num_audio_token + 1, cfg.dim, generator=g))
+    with torch.no_grad():
+        explained = dynamo.explain(inject)(inj.injector_adain_layers[1], inj.injector[1], x, Segments(3, 8), *audio)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
 def test_unknown_compile_mode_is_a_clear_error():

@@ -1,4 +1,5 @@
-"""Compiled DiT blocks: torch.compile (inductor) on each block's forward, QuantLinear included.
+"""Compiled DiT blocks: torch.compile (inductor) on each block's forward and on the audio injector, QuantLinear
+included.
 
 Eagerly every per-token absmax, scale, cast, norm, modulation and RoPE of a block is its own kernel and its own
 trip through memory; compiled, inductor fuses them with their neighbours. What this module guarantees:
@@ -9,6 +10,8 @@ trip through memory; compiled, inductor fuses them with their neighbours. What t
   views of the caches), so every layer of the DiT shares the same graphs. What does recompile, once per run
   and size: the sink prefill (one graph), the 4 streaming calls of the first clip while the rolling window
   fills (the attended length grows), then the full window once per write slot (4 slots, one already seen).
+  The audio injector is compiled the same way: its layers are passed as arguments (model/audio.py inject), so
+  one graph serves all its injection points (one per block size).
 - Compile time is counted (CompileStats) and inductor's FX graph cache (on by default, TORCHINDUCTOR_CACHE_DIR,
   default /tmp/torchinductor_$USER) makes the next process's compile mostly cache hits.
 
@@ -59,6 +62,15 @@ def _call(compiled, block: nn.Module, stats: CompileStats, x, e0, seg, rope, con
     return out
 
 
+def _call_injector(compiled, injector: nn.Module, stats: CompileStats, index: int, x, seg, audio_global, audio_local):
+    before, t = _graphs(), time.perf_counter()
+    out = compiled(injector.injector_adain_layers[index], injector.injector[index], x, seg, audio_global, audio_local)
+    if _graphs() != before:
+        stats.graphs += _graphs() - before
+        stats.seconds += time.perf_counter() - t
+    return out
+
+
 def block_forward(block: nn.Module, x, e0, seg, rope, context, kv=None):
     """The block's own (eager) forward, as a plain function: what gets compiled."""
     return type(block).forward(block, x, e0, seg, rope, context, kv)
@@ -74,24 +86,40 @@ def prepare_tracing() -> None:
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
 
 
-def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> CompileStats:
+def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: str = "inductor") -> CompileStats:
     """Compile every block of `model` in place (`model.blocks[i].forward`); returns the shared CompileStats.
 
-    The parameters stay where they are (state_dict, TP shards and forward hooks are unchanged); running a
-    block eagerly again only needs `del block.forward`.
+    backend="aot_eager" traces the same graphs without inductor's code generation (plumbing checks on slow
+    machines). The parameters stay where they are (state_dict, TP shards and forward hooks are unchanged);
+    `uncompile` puts the eager
+    forwards back.
     """
     from ..errors import ConfigError
 
     if mode is not None and mode not in MODES:
         raise ConfigError(f"compile mode {mode!r}: choose one of {', '.join(MODES)}")
     prepare_tracing()
-    compiled = torch.compile(block_forward, dynamic=False, mode=None if mode == "default" else mode)
+    mode = None if mode == "default" else mode
+    compiled = torch.compile(block_forward, dynamic=False, mode=mode, backend=backend)
     stats = CompileStats()
     for block in model.blocks:
         block.forward = functools.partial(_call, compiled, block, stats)
+    injector = getattr(model, "audio_injector", None)
+    if injector is not None:
+        from .audio import inject
+
+        injector.forward = functools.partial(_call_injector, torch.compile(inject, dynamic=False, mode=mode, backend=backend),
+                                             injector, stats)
     model.compile_stats = stats
     return stats
 
 
 def is_compiled(model: nn.Module) -> bool:
     return any("forward" in vars(b) for b in getattr(model, "blocks", []))
+
+
+def uncompile(model: nn.Module) -> None:
+    """Back to the eager forwards."""
+    for m in [*getattr(model, "blocks", []), getattr(model, "audio_injector", None)]:
+        if m is not None and "forward" in vars(m):
+            del m.forward
