@@ -72,6 +72,7 @@ class Shape:
 
 FULL = Shape(5120, 40, 13824, 44, 24)  # 704x384: 88x48 latents, patch 2x2
 SMALL = Shape(256, 2, 704, 11, 6, sink=165, text=64)  # the same layout, width and tokens reduced for CPUs
+TINY = Shape(128, 1, 352, 4, 4, sink=32, text=16)  # gpu_check --dry-run: plumbing only
 
 
 class Layer(nn.Module):
@@ -254,7 +255,8 @@ def format_table(result: dict) -> str:
     lines = [f"DiT layer (block + audio injector) on {result['device_name']}, torch {result['torch']}, "
              f"shape {result['shape']['dim']}d/{result['shape']['heads']}h/ffn {result['shape']['ffn']}, "
              f"{result['call']['noisy']} query tokens, {result['call']['keys']} keys; "
-             f"{result['flops_per_call'] / 1e9:.2f} GFLOP per call; compiled with {result['backend']}; "
+             f"{result['flops_per_call'] / 1e9:.2f} GFLOP per call; "
+             f"{'compiled with ' + result['backend'] if result['compiled'] else 'eager only'}; "
              f"peak: {result['peak_source']}", "",
              "| precision | mode | ms / call | TFLOPS | % of peak | weights MB read | speed-up vs bf16 eager | compile s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -283,7 +285,7 @@ def run(device: Optional[str] = None, shape: Optional[Shape] = None, iters: Opti
     peaks = peak_tflops(device, iters)
     return {"device": device, "device_name": name, "torch": torch.__version__, "shape": asdict(shape),
             "call": asdict(shape.call), "flops_per_call": shape.flops(), "peak_source": peaks["source"],
-            "iters": iters, "backend": backend, "rows": rows, "attention": attention_backends(shape, device, iters)}
+            "iters": iters, "compiled": compiled, "backend": backend, "rows": rows, "attention": attention_backends(shape, device, iters)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
