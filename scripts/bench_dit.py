@@ -4,7 +4,7 @@ The layer is one 14B block (dim 5120, 40 heads, ffn 13824) followed by an audio-
 streaming call at 704x384: 3 latent frames x 1056 tokens = 3168 query tokens, attending to the rolling window full
 (one clip, 12 frames = 12672 tokens) plus the 2640-token sink. Weights are random, generated on the device
 (no checkpoint). Rows: bf16, int8 W8A8, fp8 W8A8, int8-wo, fp8-wo, each eager and compiled (model/compile.py).
-Columns: ms per call, achieved TFLOPS (FLOPs from qavatar/parallel/flops.py) against the device's peak (GPU:
+Columns: ms per call, SQNR of the output against bf16 eager, achieved TFLOPS (FLOPs from qavatar/parallel/flops.py) against the device's peak (GPU:
 the datasheet profile of qavatar/parallel/speed.py; CPU: a measured fp32 matmul rate), the bytes of weights the
 call reads, and the speed-up against bf16 eager. Then the attention product alone under every SDPA backend, and
 which backend SDPA picks by itself.
@@ -150,6 +150,12 @@ def timed(fn: Callable[[], object], device: str, iters: int, warmup: int = 1) ->
         return (time.perf_counter() - t) * 1e3 / iters
 
 
+def sqnr(a: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
+    """Signal-to-quantization-noise ratio of a against ref, dB (None when identical)."""
+    noise = (a - ref).pow(2).sum().item()
+    return None if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
+
+
 def weight_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
 
@@ -182,7 +188,7 @@ def bench_rows(s: Shape, device: str, iters: int, compiled: bool = True,
     flops = s.flops()
     base = random_layer(s, device, dtype)
     peaks = peak_tflops(device, iters)
-    rows = []
+    rows, ref = [], None
     for precision in PRECISIONS:
         layer = base if precision == "bf16" else quantize_(copy.deepcopy(base), QuantConfig(precision))
         for mode in ("eager", "compiled") if compiled else ("eager",):
@@ -197,10 +203,14 @@ def bench_rows(s: Shape, device: str, iters: int, compiled: bool = True,
                     torch.cuda.synchronize()
                 compile_s = time.perf_counter() - t
                 graphs = stats.graphs
+            with torch.no_grad():
+                y = call(layer).float()
+            ref = y if precision == "bf16" and mode == "eager" else ref
             ms = timed(lambda: call(layer), device, iters)
             peak = peaks[precision]
             row = {"precision": precision, "mode": mode, "ms": ms, "tflops": flops / (ms / 1e3) / 1e12,
-                   "peak_tflops": peak, "weight_bytes": weight_bytes(layer), "compile_s": compile_s}
+                   "peak_tflops": peak, "weight_bytes": weight_bytes(layer), "compile_s": compile_s,
+                   "sqnr_vs_bf16_db": sqnr(y, ref)}
             if mode == "compiled":
                 row["graphs"] = graphs
             row["pct_of_peak"] = 100 * row["tflops"] / peak if peak else None
@@ -258,13 +268,14 @@ def format_table(result: dict) -> str:
              f"{result['flops_per_call'] / 1e9:.2f} GFLOP per call; "
              f"{'compiled with ' + result['backend'] if result['compiled'] else 'eager only'}; "
              f"peak: {result['peak_source']}", "",
-             "| precision | mode | ms / call | TFLOPS | % of peak | weights MB read | speed-up vs bf16 eager | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| precision | mode | ms / call | TFLOPS | % of peak | weights MB read | speed-up vs bf16 eager | compile s "
+             "| SQNR vs bf16 eager dB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         pct = f"{r['pct_of_peak']:.1f}" if r["pct_of_peak"] is not None else "n/a"
         comp = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else ""
         lines.append(f"| {r['precision']} | {r['mode']} | {r['ms']:.2f} | {r['tflops']:.3f} | {pct} | "
-                     f"{r['weight_bytes'] / 1e6:.1f} | {r['speedup_vs_bf16_eager']:.2f} | {comp} |")
+                     f"{r['weight_bytes'] / 1e6:.1f} | {r['speedup_vs_bf16_eager']:.2f} | {comp} | "
+                     f"{'exact' if r['sqnr_vs_bf16_db'] is None else format(r['sqnr_vs_bf16_db'], '.1f')} |")
     a = result["attention"]
     lines += ["", f"attention {a['q_tokens']} x {a['kv_tokens']} tokens: SDPA picks {a['picked']}", "",
               "| SDPA backend | ms | TFLOPS |", "|---|---|---|"]
