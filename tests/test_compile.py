@@ -157,3 +157,27 @@ def test_unknown_compile_mode_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="compile mode"):
         compile_blocks(build_model(PRESETS["tiny"]), mode="fastest")
+
+
+def test_the_compile_flags_reach_compile_blocks(toy_ckpt, monkeypatch, tmp_path):
+    """`qavatar infer --compile` and the stream entry point's --compile compile the loaded model (the compile
+    itself is replaced by a recorder here: the tests above run it)."""
+    import qavatar.model.compile as compile_mod
+    from typer.testing import CliRunner
+
+    from qavatar.cli import app
+    from qavatar.parallel.stream import stream_latents
+
+    seen = []
+    monkeypatch.setattr(compile_mod, "compile_blocks", lambda model, **kw: seen.append(model))
+    rep = stream_latents(toy_ckpt, SINGLE, 1, (16, 8), steps=1, compile=True)
+    assert len(seen) == 1 and rep.latents is not None
+
+    requests = []
+    monkeypatch.setattr("qavatar.pipeline.infer.infer", lambda req, on_frames=None: requests.append(req) or [])
+    for flags, want in (([], False), (["--compile"], True)):
+        result = CliRunner().invoke(app, ["infer", "--checkpoint", str(toy_ckpt), "--image", str(tmp_path / "a.png"),
+                                          "--audio", str(tmp_path / "a.wav"), "--out", str(tmp_path / "o.mp4"),
+                                          *flags])
+        assert result.exit_code == 0, result.output
+        assert requests[-1].compile is want
