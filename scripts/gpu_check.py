@@ -45,7 +45,7 @@ from qavatar.parallel.group import TPGroup  # noqa: E402
 GiB = 1 << 30
 STAGES = ("bench", "emulate-tp4", "emulate-pp4", "emulate-tp2-kvfp8", "infer")
 # seconds per stage on one H100/H200 (their sum stays under 8 minutes); --timeout-scale stretches them
-TIMEOUTS = {"bench": 180, "emulate-tp4": 90, "emulate-pp4": 70, "emulate-tp2-kvfp8": 60, "infer": 60}
+TIMEOUTS = {"bench": 230, "emulate-tp4": 80, "emulate-pp4": 70, "emulate-tp2-kvfp8": 40, "infer": 60}
 DRY_RUN_TIMEOUT = 900  # per stage on a CPU: only a guard against hangs (a loaded 2-core CI box is slow)
 
 

@@ -137,6 +137,25 @@ def test_compiled_quantized_checkpoint_matches_eager(quantized_toys, toy_ckpt, p
     print(f"{precision}: |compiled - eager| {compile_err:.2e}, |eager - float| {quant_err:.2e}")
 
 
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_the_gpu_kernel_paths_trace_without_breaks(precision, monkeypatch):
+    """The CUDA branches of QuantLinear (fp8 rowwise _scaled_mm inside its try/except, int8 torch._int_mm), traced
+    on the CPU: the device checks are patched to say yes and _scaled_mm to its fp32 emulation."""
+    import torch.nn.functional as F
+
+    import qavatar.quant.linear as ql
+
+    monkeypatch.setattr(ql, "fp8_matmul_supported", lambda device: True)
+    monkeypatch.setattr(ql, "fp8_matmul", lambda xq, sx, wq, sw, dt: F.linear(xq.float() * sx, wq.float() * sw).to(dt))
+    monkeypatch.setattr(ql, "pick_int8_kernel", lambda *a, **k: "int_mm")
+    prepare_tracing()
+    cfg = PRESETS["tiny"]
+    model = quantize_(build_model(cfg).eval(), QuantConfig(precision))
+    with torch.no_grad():
+        explained = dynamo.explain(block_forward)(model.blocks[1], *_block_inputs(cfg, torch.float32, "stream"))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
 def test_the_audio_injector_is_one_graph_without_breaks():
     from qavatar.model.audio import inject
 
