@@ -90,9 +90,7 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: str = 
     """Compile every block of `model` in place (`model.blocks[i].forward`); returns the shared CompileStats.
 
     backend="aot_eager" traces the same graphs without inductor's code generation (plumbing checks on slow
-    machines). The parameters stay where they are (state_dict, TP shards and forward hooks are unchanged);
-    `uncompile` puts the eager
-    forwards back.
+    machines). The parameters stay where they are (state_dict, TP shards and forward hooks are unchanged).
     """
     from ..errors import ConfigError
 
@@ -117,9 +115,3 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: str = 
 def is_compiled(model: nn.Module) -> bool:
     return any("forward" in vars(b) for b in getattr(model, "blocks", []))
 
-
-def uncompile(model: nn.Module) -> None:
-    """Back to the eager forwards."""
-    for m in [*getattr(model, "blocks", []), getattr(model, "audio_injector", None)]:
-        if m is not None and "forward" in vars(m):
-            del m.forward
