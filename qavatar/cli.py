@@ -248,7 +248,9 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
                                                          "GPUs) | cpu (fp32 CPU generator; default on the CPU)."),
           overwrite: bool = typer.Option(False, help="Replace --out (and --latents-out) if it exists."),
           kv_dtype: str = typer.Option("bf16", help="KV caches: bf16 (the compute dtype) | fp8 | int8, 8-bit with "
-                                                    "per-(token, head) scales (docs/kv_cache.md).")) -> None:
+                                                    "per-(token, head) scales (docs/kv_cache.md)."),
+          compile: bool = typer.Option(False, "--compile", help="torch.compile the DiT blocks (inductor; slow "
+                                                                "first calls, docs/gpu.md). Off by default.")) -> None:
     """Image + audio + prompt -> a talking-avatar mp4 with the sound in it, streamed clip by clip."""
     from .model.kv_quant import kv_storage_dtype
     from .pipeline.infer import InferRequest, infer as run_infer
@@ -261,7 +263,8 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
     req = InferRequest(checkpoint, str(image), str(audio), prompt, str(out), precision, tp, size, num_clip,
                        sample_steps, seed, device, encoders, quiet, not no_prompt_cache, timeout,
                        t5_precision=t5_precision, latents_out=str(latents_out) if latents_out else None, pp=pp,
-                       gpus=gpus, no_lora=no_lora, noise=noise, overwrite=overwrite, kv_dtype=kv_dtype)
+                       gpus=gpus, no_lora=no_lora, noise=noise, overwrite=overwrite, kv_dtype=kv_dtype,
+                       compile=compile)
     try:
         results = run_infer(req)
     except QavatarError as e:

@@ -108,11 +108,17 @@ class AudioInjector(nn.Module):
 
         audio_global [B, F, 1, dim], audio_local [B, F, n+1, dim]: one entry per noisy latent frame.
         """
-        n = seg.num_noisy
-        frames = x[:, :n].unflatten(1, (seg.num_frames, seg.frame_len)).flatten(0, 1)  # [(B F), FS, dim]
-        normed = self.injector_adain_layers[index](frames, audio_global.flatten(0, 1)[:, 0].to(x.dtype))
-        residual = self.injector[index](normed, audio_local.flatten(0, 1).to(x.dtype))
-        residual = residual.unflatten(0, (x.shape[0], seg.num_frames)).flatten(1, 2)
-        if n == x.shape[1]:
-            return x + residual
-        return torch.cat([x[:, :n] + residual, x[:, n:]], dim=1)
+        return inject(self.injector_adain_layers[index], self.injector[index], x, seg, audio_global, audio_local)
+
+
+def inject(adain: AdaLayerNorm, attn: CrossAttention, x: torch.Tensor, seg: Segments, audio_global: torch.Tensor,
+           audio_local: torch.Tensor) -> torch.Tensor:
+    """One injector's layers as arguments (no index), so a compiled injector is one graph for all of them."""
+    n = seg.num_noisy
+    frames = x[:, :n].unflatten(1, (seg.num_frames, seg.frame_len)).flatten(0, 1)  # [(B F), FS, dim]
+    normed = adain(frames, audio_global.flatten(0, 1)[:, 0].to(x.dtype))
+    residual = attn(normed, audio_local.flatten(0, 1).to(x.dtype))
+    residual = residual.unflatten(0, (x.shape[0], seg.num_frames)).flatten(1, 2)
+    if n == x.shape[1]:
+        return x + residual
+    return torch.cat([x[:, :n] + residual, x[:, n:]], dim=1)

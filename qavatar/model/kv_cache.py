@@ -13,8 +13,9 @@ rolling K is quantized after RoPE, the sink K before its per-call re-RoPE; both 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -91,6 +92,15 @@ class RollingKVCache:
         return 2 * self.k.numel() * self.k.element_size() + (self.scales.nbytes() if self.scales is not None else 0)
 
 
+def _one_layer(cache: RollingKVCache, layer: int) -> RollingKVCache:
+    """A view of one layer of a rolling cache (shared storage), numbered 0."""
+    j = layer - cache.first_layer
+    view = copy.copy(cache)
+    view.k, view.v, view.first_layer = cache.k[j:j + 1], cache.v[j:j + 1], 0
+    view.scales = None if cache.scales is None else _one_layer(cache.scales, layer)
+    return view
+
+
 class LayerKV:
     """What one block's self-attention sees of the caches during one forward call."""
 
@@ -98,6 +108,18 @@ class LayerKV:
                  start: int = 0, sink_rope: Optional[torch.Tensor] = None):
         self.mode, self.layer, self.sink, self.rolling = mode, layer, sink, rolling
         self.start, self.sink_rope = start, sink_rope
+
+    def one_layer(self) -> tuple["LayerKV", Callable[[], None]]:
+        """The same view over one-layer caches numbered 0, and a function that puts back what the sink prefill
+        stored. A compiled block (model/compile.py) then sees no layer number, so one graph serves every layer."""
+        i, sink = self.layer - self.sink.first_layer, self.sink
+        local = SinkCache(1, positions=sink.positions, num_ref_tokens=sink.num_ref_tokens, dtype=sink.dtype)
+        local.k, local.v, local.k_scale, local.v_scale = [sink.k[i]], [sink.v[i]], [sink.k_scale[i]], [sink.v_scale[i]]
+        rolling = None if self.rolling is None else _one_layer(self.rolling, self.layer)
+
+        def put_back() -> None:
+            sink.k[i], sink.v[i], sink.k_scale[i], sink.v_scale[i] = local.k[0], local.v[0], local.k_scale[0], local.v_scale[0]
+        return LayerKV(self.mode, 0, local, rolling, self.start, self.sink_rope), put_back
 
     def store_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
         i, sink = self.layer - self.sink.first_layer, self.sink

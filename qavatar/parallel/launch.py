@@ -30,18 +30,19 @@ def backend_for(device: "str | torch.device") -> str:
 
 
 def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S,
-            exact_int8_reduce: bool = True) -> TPGroup:
+            exact_int8_reduce: bool = True, backend: Optional[str] = None) -> TPGroup:
     """Join the process group torchrun (or spawn_ranks) described in the environment; check the world size."""
     if tp == 1 and os.environ.get("WORLD_SIZE") in (None, "1"):
         return TPGroup()
-    rank, world = init_world(tp, f"--tp {tp}", device, timeout_s)
+    rank, world = init_world(tp, f"--tp {tp}", device, timeout_s, backend)
     return TPGroup(rank, world, dist.group.WORLD, exact_int8_reduce)
 
 
 def init_world(world: int, what: str, device: "str | torch.device" = "cpu",
-               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+               timeout_s: float = DEFAULT_TIMEOUT_S, backend: Optional[str] = None) -> tuple[int, int]:
     """Join the `world`-rank process group described in the environment (what: the flags that asked for it,
-    for the messages); returns (rank, world). Sets this rank's GPU first on CUDA."""
+    for the messages); returns (rank, world). Sets this rank's GPU first on CUDA. backend: default nccl on CUDA,
+    gloo on the CPU (scripts/gpu_check.py runs several ranks on one GPU over gloo)."""
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     missing = [k for k, v in env.items() if v is None]
     if missing:
@@ -59,7 +60,7 @@ def init_world(world: int, what: str, device: "str | torch.device" = "cpu",
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend_for(device), rank=rank, world_size=world,
+            dist.init_process_group(backend or backend_for(device), rank=rank, world_size=world,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as e:  # DistStoreError / RuntimeError on timeout or refused connection
             raise RankError(f"rank {rank}: could not form the {world}-rank group at {env['MASTER_ADDR']}:"

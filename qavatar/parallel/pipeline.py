@@ -78,11 +78,12 @@ def check_layout(pp: int, tp: int, num_layers: int, num_heads: int) -> None:
 
 
 def init_pipeline(pp: int, tp: int, layers: list[tuple[int, int]], device: "str | torch.device" = "cpu",
-                  timeout_s: float = 300, exact_int8_reduce: bool = True, counter: Any = None) -> PipeGroup:
+                  timeout_s: float = 300, exact_int8_reduce: bool = True, counter: Any = None,
+                  backend: Optional[str] = None) -> PipeGroup:
     """Join the pp*tp-rank world (torchrun or spawn_ranks) and form every stage's TP group."""
     from .launch import init_world
 
-    rank, world = init_world(pp * tp, f"--pp {pp} --tp {tp}", device, timeout_s)
+    rank, world = init_world(pp * tp, f"--pp {pp} --tp {tp}", device, timeout_s, backend)
     groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) if tp > 1 else None for s in range(pp)]
     stage = rank // tp
     group = TPGroup(rank % tp, tp, groups[stage], exact_int8_reduce, counter) if tp > 1 else TPGroup(counter=counter)
@@ -96,11 +97,13 @@ class _Link:
     def __init__(self, group: PipeGroup, device: torch.device):
         self.group, self.device = group, device
         self.pending: collections.deque = collections.deque()
+        # gloo sends CPU tensors only: GPU ranks on gloo (several ranks on one GPU) go through host memory
+        self.via_host = torch.device(device).type == "cuda" and dist.is_initialized() and dist.get_backend() == "gloo"
 
     def send(self, tensors: list[torch.Tensor], stage: int) -> None:
         dst = self.group.peer(stage)
         for t in tensors:
-            t = t.contiguous()
+            t = t.contiguous().cpu() if self.via_host else t.contiguous()
             self.pending.append((dist.isend(t, dst), t, stage))  # the tensor stays alive until the send completes
             if self.group.counter is not None:
                 self.group.counter.add("p2p", t.numel() * t.element_size())
@@ -111,13 +114,13 @@ class _Link:
         src = self.group.peer(stage)
         out = []
         for shape, dtype in specs:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
+            t = torch.empty(shape, dtype=dtype, device="cpu" if self.via_host else self.device)
             try:
                 dist.recv(t, src)
             except (RuntimeError, dist.DistBackendError) as e:  # the group timeout, or the peer's socket closed
                 raise RankError(f"stage {self.group.stage} (rank {self.group.rank}): no message from stage {stage} "
                                 f"(rank {src}): it died or hangs ({str(e).splitlines()[0][:120]})") from None
-            out.append(t)
+            out.append(t.to(self.device))
         return out
 
     def flush(self) -> None:

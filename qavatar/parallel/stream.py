@@ -64,13 +64,16 @@ def random_inputs(cfg, latent_hw: tuple[int, int], blocks: int, seed: int) -> tu
 
 def stream_latents(checkpoint: "str | Path", group: "TPGroup | PipeGroup", blocks: int, latent_hw: tuple[int, int],
                    seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                   steps: int = 4, kv_dtype: Optional[torch.dtype] = None) -> StreamReport:
+                   steps: int = 4, kv_dtype: Optional[torch.dtype] = None, compile: bool = False) -> StreamReport:
     """Stream `blocks` blocks (the sink rolls after the first clip) on this rank of a TP or pipeline layout."""
     pipe = isinstance(group, PipeGroup)
     tp = group.tp if pipe else group
     stage = (group.layers, group.first, group.last) if pipe else None
     loaded = load_rank(checkpoint, tp, dtype=dtype, device=device, stage=stage)
     model, cfg = loaded.model, loaded.model.cfg
+    if compile:
+        from ..model.compile import compile_blocks
+        compile_blocks(model)  # torch.compile every block (model/compile.py)
     context, inputs = random_inputs(cfg, latent_hw, blocks, seed)
     out, times = [], []
     t_last = [time.perf_counter()]
@@ -120,7 +123,7 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
     from ..model.kv_quant import kv_storage_dtype
 
     rep = stream_latents(args.checkpoint, group, args.blocks, latent_hw, args.seed, device, dtype,
-                         kv_dtype=kv_storage_dtype(args.kv_dtype))
+                         kv_dtype=kv_storage_dtype(args.kv_dtype), compile=args.compile)
     if args.latents_out and rep.latents is not None and group.rank == (group.tp.size if args.pp > 1 else group.size) - 1:
         # the host rank, as in qavatar infer (the first stage's last TP rank)
         save_stream_latents(args.latents_out, rep.latents, args.checkpoint, args.seed, args.tp, args.size, args.blocks)
@@ -206,6 +209,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--bf16-reduce", action="store_true",
                     help="int8: all-reduce dequantized partials in the compute dtype (half the bytes of the exact "
                          "int32 reduction; not bit-identical to one GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every DiT block (inductor, static shapes)")
     ap.add_argument("--latents-out", help="write the latents (every block, float32) to this safetensors file")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --latents-out file")
     args = ap.parse_args(argv)

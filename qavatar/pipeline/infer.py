@@ -61,6 +61,7 @@ class InferRequest:
     noise: Optional[str] = None  # reference | cpu (pipeline/noise.py); default: reference on GPUs, cpu on the CPU
     overwrite: bool = False  # replace an existing --out and --latents-out
     kv_dtype: str = "bf16"  # KV caches: bf16 (the compute dtype) | fp8 | int8 with scales (model/kv_quant.py)
+    compile: bool = False  # torch.compile every DiT block (model/compile.py); off by default, not yet measured on GPU
 
 
 @dataclass
@@ -257,6 +258,7 @@ class RankResult:
     cache_bytes: int = 0
     peak_gpu_bytes: int = 0
     out: Optional[str] = None
+    compile_seconds: float = 0.0  # --compile: wall time of the block calls that compiled a graph
 
 
 class _Host:
@@ -337,6 +339,9 @@ def load_state(state: RankState, prep: Prepared) -> RankState:
     state.model = loaded.model
     state.load_seconds, state.bytes_read = time.perf_counter() - t, loaded.bytes_read
     state.held_bytes = loaded.param_bytes
+    if prep.request.compile:  # once per load: the server's later jobs reuse the compiled graphs
+        from ..model.compile import compile_blocks
+        compile_blocks(state.model)
     return state
 
 
@@ -452,6 +457,9 @@ def generate(state: RankState, prep: Prepared, side: Optional[_Host],
         progress.close()
         restore_signal()
     res.seconds = time.perf_counter() - t_start
+    if req.compile:
+        res.compile_seconds = model.compile_stats.seconds
+        _say(f"--compile: {model.compile_stats.summary()}")
     if prep.device == "cuda":
         res.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     return res

@@ -93,7 +93,16 @@ def fp8_rowwise_failed(device: torch.device, err: Exception) -> None:
                 f"fp8 runs weight-only from here on")
 
 
+_BNB: list = []  # [bitsandbytes.functional or None], looked up once (torch.compile then reads it, no import)
+
+
 def _bnb():
+    if not _BNB:
+        _BNB.append(_import_bnb())
+    return _BNB[0]
+
+
+def _import_bnb():
     from ..quiet import quiet_bitsandbytes
 
     try:
