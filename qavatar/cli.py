@@ -288,7 +288,9 @@ def serve(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           encoders: Optional[str] = typer.Option(None, help="Directory holding umT5, tokenizer, VAE and wav2vec2."),
           num_clip: Optional[int] = typer.Option(None, help="Default clips per job (default: what the audio covers)."),
           timeout: float = typer.Option(600, help="Seconds a rank may wait on the others."),
-          max_upload_mb: float = typer.Option(50, help="Largest upload accepted, in MB.")) -> None:
+          max_upload_mb: float = typer.Option(50, help="Largest upload accepted, in MB."),
+          compile: bool = typer.Option(False, "--compile", help="torch.compile every DiT block once at load "
+                                       "(docs/gpu.md); the first job pays the compile time.")) -> None:
     """A web page (and a gradio_client API) that streams the avatar while it is generated (docs/serve.md)."""
     try:
         import gradio  # noqa: F401 (the optional extra)
@@ -300,7 +302,7 @@ def serve(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
     from .pipeline.infer import InferRequest
 
     req = InferRequest(checkpoint, str(PORTRAIT), str(SPEECH), PROMPT, "", precision, tp, num_clip=num_clip,
-                       device=device, encoders=encoders, quiet=True, timeout_s=timeout, pp=pp)
+                       device=device, encoders=encoders, quiet=True, timeout_s=timeout, pp=pp, compile=compile)
     try:
         run_server(req, host=host, port=port, max_upload_mb=max_upload_mb, say=lambda m: print(m, flush=True))
     except QavatarError as e:
