@@ -11,6 +11,9 @@ with random weights under a fake process group (collectives are no-ops, memory i
 at 704x384 with the rolling window full runs one block, and torch.cuda.max_memory_allocated is compared
 with what `qavatar plan --gpus 4 --precision fp8` plans for that rank (weights + KV + activations).
 
+First, the copy-free self-attention (window and sink attended apart, merged by log-sum-exp) against one
+SDPA over the concatenated keys, in bf16, fp16 and fp32 (each takes another CUDA kernel).
+
 Last (--infer, on by default), `qavatar infer` end to end on the GPU with the toy checkpoint (tiny DiT and
 encoders, random weights) at 704x384, bf16 and fp8 (quantized while loading), 2 clips: it exercises the CUDA
 paths of the pipeline (VAE in bf16 on the GPU, the fp8 kernels, the mp4 writer) and prints frames, wall
@@ -166,6 +169,28 @@ def tp_rank_check(precision: str = "fp8", tp_size: int = 4, preset: str = "livea
     return out
 
 
+def segment_attention_check(device: str = "cuda") -> list[dict]:
+    """The copy-free attention's CUDA paths (model/segment_attention.py: flash for bf16/fp16, memory-efficient
+    for fp32) against one SDPA over the concatenated [window | sink], at a TP=2 rank's 704x384 shapes."""
+    from qavatar.model.segment_attention import attend_two, sdpa
+
+    g = torch.Generator(device=device).manual_seed(0)
+    heads, d, lq, w = HEADS // 2, DIM // HEADS, FRAMES * GH * GW, WINDOW_FRAMES * GH * GW
+    rnd = lambda n: torch.randn(1, n, heads, d, generator=g, device=device)  # noqa: E731
+    q, kw, vw, ks, vs = rnd(lq), rnd(w), rnd(w), rnd(SINK) * 1.5, rnd(SINK)
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a = [t.to(dtype) for t in (q, kw, vw, ks, vs)]
+        got = attend_two(*a).float()
+        want = sdpa(a[0], torch.cat(a[1:2] + a[3:4], 1), torch.cat(a[2:3] + a[4:5], 1)).float()
+        ref32 = sdpa(q, torch.cat([kw, ks], 1), torch.cat([vw, vs], 1))
+        rows.append({"dtype": str(dtype), "max_abs_vs_concat": float((got - want).abs().max()),
+                     "sqnr_vs_fp32_db": sqnr(got, ref32), "concat_sqnr_vs_fp32_db": sqnr(want, ref32)})
+        print(f"segment attention {dtype}: max |merged - concatenated| {rows[-1]['max_abs_vs_concat']:.2e}, SQNR vs fp32 "
+              f"{rows[-1]['sqnr_vs_fp32_db']:.1f} dB (concatenated: {rows[-1]['concat_sqnr_vs_fp32_db']:.1f} dB)")
+    return rows
+
+
 def infer_check(device: str = "cuda", size: str = "704*384") -> list[dict]:
     import tempfile
 
@@ -207,6 +232,7 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     cap = torch.cuda.get_device_capability()
     print(f"device {name} (sm{cap[0]}{cap[1]}), torch {torch.__version__}")
+    segments = segment_attention_check(dev)
     fp32 = random_block(dev)
     with torch.no_grad():
         ref32, _, _ = run(fp32, inputs(dev, torch.float32), torch.float32, dev, 1)
@@ -242,7 +268,8 @@ def main() -> None:
     infer_rows = None if args.no_infer else infer_check()
     out_path = args.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     if out_path:
-        out_path.write_text(json.dumps({"device": name, "capability": cap, "rows": rows, "tp_rank": tp_rank, "infer": infer_rows},
+        out_path.write_text(json.dumps({"device": name, "capability": cap, "rows": rows, "tp_rank": tp_rank, "infer": infer_rows,
+                                        "segment_attention": segments},
                                        indent=2))
 
 
