@@ -288,7 +288,12 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
             "attention": x_in + m + 4 * ldl * c + 2 * K * dl * c + math * K}),
         "o_projection": x_in + m + ldl * c + 2 * ld * c + lx(L, dl, D),
         "gate_attention": x_in + gate,
-        "cross_qk": x32 + m + 2 * (ldl + tdl) * c + (ldl + tdl) * norm_tmp + lx(max(L, T), D, dl),
+        # q and k projected (a Linear's temporaries beside them), then normed one after the other (model/
+        # attention.py qk_norm: the fp32 product and the weighted result, 8 bytes an element at any compute
+        # dtype), each beside both projections, k's beside the normed q; plus the gathered head sums
+        "cross_qk": x32 + m + (L + T) * cfg.num_heads * f4 + max(
+            ldl * c + lx(L, D, dl), (ldl + tdl) * c + lx(T, D, dl),
+            ldl * (c + 8) + tdl * c, 2 * ldl * c + tdl * (c + 8)),
         "cross_attention": x32 + m + (ldl + 2 * tdl) * c + ldl * c + math * T,
         "cross_output": x32 + m + ldl * c + 2 * ld * c + lx(L, dl, D),
         "cross_add": x32 + ld * f4 + ld * c,
