@@ -8,7 +8,8 @@ stored (a view of the rolling cache, the sink), so no [window | sink] copy of K 
 The public scaled_dot_product_attention does not return the log-sum-exp; the fused kernels behind it do,
 so we call them by their aten names (the ones torch's own context-parallel attention merges with):
 CPU flash (what SDPA runs on CPU, same output bits), CUDA flash for fp16/bf16, CUDA memory-efficient
-attention otherwise, and an explicit math form for any other device. All take [B, H, L, d].
+attention otherwise, and an explicit math form for any other device, or wherever the fused kernels are
+switched off (`sdpa_kernel(SDPBackend.MATH)`, as the FLOP-count test does). All take [B, H, L, d].
 """
 from __future__ import annotations
 
@@ -25,9 +26,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
+@torch.compiler.assume_constant_result  # a setting, not data: read once when traced, no graph break
+def _fused_kernels_enabled() -> bool:
+    return torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
 def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unmasked attention with scale 1/sqrt(d) on [B, H, L, d]: (out [B, H, Lq, d], lse [B, H, Lq] fp32)."""
     lq = q.shape[2]
+    if not _fused_kernels_enabled():
+        return sdpa_lse_math(q, k, v)  # the fused kernels are switched off (sdpa_kernel(SDPBackend.MATH))
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
         return out, lse
