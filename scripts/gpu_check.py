@@ -1,6 +1,9 @@
 """The one prepared GPU script: everything qavatar claims about GPUs, measured in one run of a few minutes.
 
 Stages (each runs in a process of its own, with its own timeout; `--stages` picks some):
+  attention          the copy-free self-attention (window and sink attended apart, merged by log-sum-exp:
+                     model/segment_attention.py) against one SDPA over the concatenated keys, bf16/fp16/fp32
+                     (each dtype takes another CUDA kernel), at a TP=2 rank's 704x384 shapes
   bench              scripts/bench_dit.py: one 14B layer at the streaming shapes, 5 precisions eager and compiled,
                      TFLOPS against the datasheet peak, SDPA backends
   emulate-tp4        4x24 GB on one big GPU: 4 ranks on the one GPU (gloo, collectives through host memory), each
@@ -43,9 +46,9 @@ from qavatar.errors import ConfigError  # noqa: E402
 from qavatar.parallel.group import TPGroup  # noqa: E402
 
 GiB = 1 << 30
-STAGES = ("bench", "emulate-tp4", "emulate-pp4", "emulate-tp2-kvfp8", "infer")
+STAGES = ("attention", "bench", "emulate-tp4", "emulate-pp4", "emulate-tp2-kvfp8", "infer")
 # seconds per stage on one H100/H200 (their sum stays under 8 minutes); --timeout-scale stretches them
-TIMEOUTS = {"bench": 230, "emulate-tp4": 80, "emulate-pp4": 70, "emulate-tp2-kvfp8": 40, "infer": 60}
+TIMEOUTS = {"attention": 20, "bench": 210, "emulate-tp4": 80, "emulate-pp4": 70, "emulate-tp2-kvfp8": 40, "infer": 60}
 DRY_RUN_TIMEOUT = 900  # per stage on a CPU: only a guard against hangs (a loaded 2-core CI box is slow)
 
 
@@ -268,6 +271,32 @@ def run_emulation(name: str, args) -> dict:
     return {"spec": spec, "ranks": reports}
 
 
+# ---------------------------------------------------------------------------- attention
+def _sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum().clamp(min=1e-30)))
+
+
+def segment_attention_check(device: str = "cuda", dry_run: bool = False) -> list[dict]:
+    """model/segment_attention.py's kernels (CUDA: flash for bf16/fp16, memory-efficient for fp32) against one
+    SDPA over [window | sink]. Shapes: a TP=2 rank of the 14B at 704x384 (20 heads of 128; 3168 queries, a
+    12672-token window, a 2640-token sink), or small ones on a dry run."""
+    from qavatar.model.segment_attention import attend_two, sdpa
+
+    heads, d, lq, w, sink = (2, 16, 24, 96, 40) if dry_run else (20, 128, 3168, 12672, 2640)
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda n: torch.randn(1, n, heads, d, generator=g, device=device)  # noqa: E731
+    q, kw, vw, ks, vs = rnd(lq), rnd(w), rnd(w), rnd(sink) * 1.5, rnd(sink)
+    ref32 = sdpa(q, torch.cat([kw, ks], 1), torch.cat([vw, vs], 1))
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a = [t.to(dtype) for t in (q, kw, vw, ks, vs)]
+        got = attend_two(*a).float()
+        want = sdpa(a[0], torch.cat([a[1], a[3]], 1), torch.cat([a[2], a[4]], 1)).float()
+        rows.append({"dtype": str(dtype).removeprefix("torch."), "max_abs_vs_concat": float((got - want).abs().max()),
+                     "sqnr_vs_fp32_db": _sqnr_db(got, ref32), "concat_sqnr_vs_fp32_db": _sqnr_db(want, ref32)})
+    return rows
+
+
 # ---------------------------------------------------------------------------- infer
 def infer_check(device: str = "cuda", size: Optional[str] = "704*384", clips: int = 2,
                 precisions: tuple[str, ...] = ("bf16", "fp8"), steps: int = 4) -> list[dict]:
@@ -295,6 +324,8 @@ def infer_check(device: str = "cuda", size: Optional[str] = "704*384", clips: in
 
 # ---------------------------------------------------------------------------- stages
 def run_stage(name: str, args) -> dict:
+    if name == "attention":
+        return {"rows": segment_attention_check("cpu" if args.dry_run else "cuda", args.dry_run)}
     if name == "bench":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_dit
@@ -306,7 +337,7 @@ def run_stage(name: str, args) -> dict:
         return run_emulation(name, args)
     if name == "infer":
         if args.dry_run:
-            return {"rows": infer_check("cpu", "128*64", clips=1, precisions=("fp8",), steps=1)}  # plumbing only
+            return {"rows": infer_check("cpu", None, clips=1, precisions=("fp8",), steps=1)}
         return {"rows": infer_check()}
     raise ConfigError(f"unknown stage {name!r}")
 
@@ -359,6 +390,13 @@ def markdown(report: dict) -> str:
                              f"{_gib(k.get('weights_allocated'))} | {_gib(k.get('max_allocated'))} | "
                              f"{_gib(k.get('max_reserved'))} | {_gib(k['plan_without_reserve'])} | "
                              f"{_gib(k['plan_total'])} | {k['fits_card']} |")
+        elif name == "attention":
+            lines += ["", "## attention: window and sink merged by log-sum-exp vs one SDPA over the concatenation", "",
+                      "| dtype | max abs difference | SQNR vs fp32, merged | SQNR vs fp32, concatenated |",
+                      "|---|---|---|---|"]
+            for row in r["rows"]:
+                lines.append(f"| {row['dtype']} | {row['max_abs_vs_concat']:.2e} | {row['sqnr_vs_fp32_db']:.1f} dB | "
+                             f"{row['concat_sqnr_vs_fp32_db']:.1f} dB |")
         elif name == "infer":
             lines += ["", "## infer (toy checkpoint)", "", "| precision | frames | size | seconds | peak GPU GiB |",
                       "|---|---|---|---|---|"]

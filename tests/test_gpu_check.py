@@ -63,6 +63,9 @@ def test_dry_run_walks_every_stage(tmp_path):
             assert r["plan_total"] > r["plan_without_reserve"] > 0 and r["cache_bytes"] > 0
     assert st["emulate-tp2-kvfp8"]["result"]["spec"]["kv_dtype"] == "fp8"
     assert st["infer"]["result"]["rows"][0]["frames"] > 0
+    att = {r["dtype"]: r for r in st["attention"]["result"]["rows"]}
+    assert set(att) == {"bfloat16", "float16", "float32"} and att["float32"]["max_abs_vs_concat"] < 1e-5
+    assert att["float32"]["sqnr_vs_fp32_db"] > 100 and att["bfloat16"]["sqnr_vs_fp32_db"] > 30
     md = (out / "gpu_check.md").read_text()
     assert all(f"| {name} | ok |" in md for name in gpu_check.STAGES)
     assert not list(out.glob("stage-*.json"))  # the per-stage parts are folded into gpu_check.json

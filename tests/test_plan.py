@@ -49,6 +49,35 @@ def test_fp8_kv_cache_halves_the_cache_plus_its_scales():
     assert b.worst.breakdown["kv_rolling"] * 256 == a.worst.breakdown["kv_rolling"] * 132
 
 
+def test_copy_free_attention_plans_no_window_sized_keys():
+    """A compute-dtype cache is attended in place (window and sink apart, merged by log-sum-exp): the
+    self-attention stages hold the sink's re-roped keys and the outputs, nothing of the window's size, so the
+    attention stage is below the [window | sink] K and V that the concatenation used to allocate."""
+    plan = make_plan(PlanRequest(B14, gpus=2, precision="fp8", size=(704, 384)))
+    d = plan.activation_detail
+    assert "stage_kv_concat" not in d and {"stage_sink_rope", "stage_attention"} <= set(d)
+    L, dl, c = 3 * 1056, 20 * 128, 2  # a block's tokens, a rank's 20 heads, bf16
+    held = 2 * L * 5120 * c + 3 * L * dl * c  # block input, modulated input; roped q, k and v
+    concat = 2 * (12 * 1056 + 2640) * dl * c  # K and V of the full window and the sink
+    sink_keys, outputs = 2640 * dl * c, 2 * L * dl * c
+    assert sink_keys + outputs < d["stage_attention"] - held < concat / 1.5
+
+
+def test_plan_of_a_reduced_layer_stack():
+    """scripts/plan_vs_measured.py --layers: the 14B width with 2 blocks (one audio injector) plans like the
+    full model per layer: caches scale with the layers, one block's activations do not change."""
+    two = B14.replace(num_layers=2, audio_inject_layers=(0,), name="14b-2")
+    full = make_plan(PlanRequest(B14, gpus=2, precision="fp8", kv_dtype="fp8", size=(128, 64)))
+    part = make_plan(PlanRequest(two, gpus=2, precision="fp8", kv_dtype="fp8", size=(128, 64)))
+    f, p = full.ranks[0].breakdown, part.ranks[0].breakdown
+    assert p["kv_rolling"] * 20 == f["kv_rolling"] and p["kv_sink"] * 20 == f["kv_sink"]
+    assert p["activations"] == f["activations"]
+    # the blocks and injectors of 38 layers (11 of them injectors) are what the smaller stack does not hold
+    per_block = (4 * 5120 * 5120 * 2 + 2 * 5120 * 13824) // 2  # self/cross q, k, v, o and the FFN, sharded
+    per_injector = 4 * 5120 * 5120 // 2
+    assert f["weights_8bit_sharded"] - p["weights_8bit_sharded"] == 38 * per_block + 11 * per_injector
+
+
 def test_bad_degree():
     with pytest.raises(ConfigError, match="num_heads=40 is not divisible by the tensor-parallel degree 3"):
         make_plan(PlanRequest(B14, gpus=3))

@@ -6,6 +6,7 @@ import torch
 
 from qavatar.checkpoint import load_dit
 from qavatar.model.kv_cache import RollingKVCache, SinkCache
+from qavatar.model.segment_attention import attend_two, sdpa, sdpa_lse, sdpa_lse_math
 from qavatar.model.streaming import StreamingSession, flow_match_schedule
 
 HW = (16, 8)  # latent H x W: 32 tokens per frame
@@ -50,6 +51,71 @@ def test_rolling_window_writes_modulo_its_size():
     assert k[0, :4].eq(3).all() and k[0, 4:].eq(4).all()
     with pytest.raises(ValueError, match="overflows"):
         cache.write(0, 6, block(5), block(5))
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+def test_two_segments_merged_by_logsumexp_equal_one_attention_over_both(dtype, atol):
+    """The window is a strided view of a cache (as in LayerKV.attend), the sink a tensor of its own; scores far
+    apart in scale, so one segment takes almost all of the softmax mass for some heads."""
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 1, 40, 3, 16, generator=g)  # [K/V, B, window, H, d]
+    q = torch.randn(1, 9, 3, 16, generator=g) * torch.tensor([0.1, 1.0, 4.0])[:, None]
+    ks, vs = torch.randn(1, 11, 3, 16, generator=g) * 2, torch.randn(1, 11, 3, 16, generator=g)
+    kw, vw = cache[0, :, 5:37], cache[1, :, 5:37]
+    args = [t.to(dtype) for t in (q, kw, vw, ks, vs)]
+    got = attend_two(*args)
+    want = sdpa(q, torch.cat([kw, ks], 1), torch.cat([vw, vs], 1))  # fp32, one softmax over all keys
+    assert got.dtype == dtype and got.shape == (1, 9, 48)
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=0)
+    # the log-sum-exp of the fused kernel is the log of the softmax's denominator, as the plain ops give it
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    out, lse = sdpa_lse(t(q), t(kw), t(vw))
+    out_m, lse_m = sdpa_lse_math(t(q), t(kw), t(vw))
+    scores = (t(q) @ t(kw).transpose(-1, -2)) / 4
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse_m, lse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_m, out, atol=1e-6, rtol=0)
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest storage any op creates while active (views and in-place writes create none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+               if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_streaming_attention_copies_no_window(model, monkeypatch):
+    """With the window full, the self-attention of a streaming call allocates nothing as large as one layer's
+    window of K: the rolling cache and the sink are attended where they are stored (no [window | sink]
+    concatenation; the largest things left are the sink's re-roped keys and the block's outputs)."""
+    from qavatar.model.kv_cache import LayerKV
+
+    cfg = model.cfg
+    inp = _inputs(cfg, blocks=5)
+    s, _ = _run(model, inp, 4, seed=0)  # 4 blocks x 3 frames: the 12-frame window is full
+    window_k = s.caches[0].k[0].numel() * s.caches[0].k.element_size()
+    mode, attend, calls = _LargestAllocation(), LayerKV.attend, []
+
+    def tracked(self, *args):
+        calls.append(self.layer)
+        with mode:
+            return attend(self, *args)
+
+    monkeypatch.setattr(LayerKV, "attend", tracked)
+    fpb = cfg.num_frames_per_block
+    s.denoise_block(inp["noise"][:, :, 4 * fpb:], inp["audio"][..., 16 * fpb:])
+    assert len(calls) == 4 * cfg.num_layers
+    assert 0 < mode.largest < window_k / 2, (mode.largest, window_k)
 
 
 def test_same_seed_same_latents_and_python_random_draws(model):

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..parallel import SINGLE, TPGroup
 from .linear import RowParallelLinear
 from .rope import apply_rope
+from .segment_attention import sdpa
 
 if TYPE_CHECKING:
     from .kv_cache import LayerKV
@@ -55,12 +55,6 @@ def qk_norm(norm_q: RMSNorm, q: torch.Tensor, norm_k: RMSNorm, k: torch.Tensor) 
     return norm_q.finish(q, sq), norm_k.finish(k, sk)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked attention on [B, L, H, d] tensors, scale 1/sqrt(d); returns [B, Lq, H*d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
-
-
 class Attention(nn.Module):
     """q, k, v, o projections with full-width q/k RMSNorm (Wan's WanSelfAttention key layout)."""
 
@@ -85,7 +79,8 @@ class SelfAttention(Attention):
 
     kv=None:             bidirectional attention over x itself (the non-causal Wan S2V forward).
     kv.mode == "sink":   condition prefill; caches un-roped K and V of the condition tokens, attends to itself.
-    kv.mode == "stream": writes this block's roped K/V into the rolling cache, attends to the cache + sink.
+    kv.mode == "stream": writes this block's roped K/V into the rolling cache, attends to the cache + sink
+                         (LayerKV.attend: the two segments merged by log-sum-exp, no concatenated copy).
     """
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv: Optional["LayerKV"] = None) -> torch.Tensor:
@@ -94,13 +89,14 @@ class SelfAttention(Attention):
         del x  # the modulated input is not needed any more
         q_roped = apply_rope(q, rope).type_as(v)
         k_roped = apply_rope(k, rope).type_as(v)
-        if kv is not None:
-            if kv.mode == "sink":
-                kv.store_sink(k, v)
-            else:
-                k_roped, v = kv.append(k_roped, v)
-        out = sdpa(q_roped, k_roped, v)
-        del q, k, v, q_roped, k_roped  # free the K/V concatenation before the output projection
+        if kv is not None and kv.mode == "sink":
+            kv.store_sink(k, v)
+        del q, k  # the un-roped q and k are not needed any more
+        if kv is not None and kv.mode == "stream":  # the rolling window and the sink, read where they are stored
+            out = kv.attend(q_roped, k_roped, v)
+        else:
+            out = sdpa(q_roped, k_roped, v)
+        del q_roped, k_roped, v  # before the output projection
         return self.o(out)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from .kv_quant import dequantize, is_quantized, quantize
 from .rope import apply_rope
+from .segment_attention import attend_two, sdpa
 
 
 @dataclass
@@ -130,18 +131,25 @@ class LayerKV:
         sink.k[i] = k.detach().clone()
         sink.v[i] = v.detach().clone()
 
-    def append(self, k_roped: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this block's roped K and V in the rolling cache, then attend q [B, Lq, H, d] to the rolling window
+        and the re-roped sink; returns [B, Lq, H*d].
+
+        Compute-dtype caches: the window is read in place (a view of the cache) and the sink where it is stored;
+        the two segments are attended separately and merged by their log-sum-exp (model/segment_attention.py),
+        so no [window | sink] K and V are built. The sink keys are re-roped every call: the reference draws a
+        new sink offset per call, so the only per-call copy left is the sink's roped keys.
+        8-bit caches: dequantizing is a copy anyway, so window and sink are dequantized into one [window | sink]
+        buffer and attended with one SDPA."""
         if self.rolling.scales is not None:
-            return self._append_quantized(k_roped, v)
+            return sdpa(q, *self._dequantized(k_roped, v))
         keys, values = self.rolling.write(self.layer, self.start, k_roped.to(self.rolling.k.dtype),
                                           v.to(self.rolling.v.dtype))
         i = self.layer - self.sink.first_layer
         sink_k = apply_rope(self.sink.k[i], self.sink_rope).type_as(v)
-        keys = torch.cat([keys.type_as(v), sink_k], dim=1)
-        values = torch.cat([values.type_as(v), self.sink.v[i].type_as(v)], dim=1)
-        return keys, values
+        return attend_two(q, keys.type_as(v), values.type_as(v), sink_k, self.sink.v[i].type_as(v))
 
-    def _append_quantized(self, k_roped: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dequantized(self, k_roped: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """8-bit rolling cache: store this block's roped K and V quantized, then dequantize the window and the
         re-roped sink straight into the [rolling window | sink] K and V that attention reads (no fp32 copy of the
         window, no concatenation)."""

@@ -3,8 +3,8 @@
 Everything is computed, not typed in: weights from the model built on the meta device (with the quantized
 tree of the chosen scheme) and the sharding rules; KV caches and activations from explicit formulas over the
 config and the token counts of the chosen size. The activation formula follows the code path of one
-forward_stream call (the largest of: embedding, attention with the KV concatenation, FFN, audio injection,
-head) and is checked against allocations measured on CPU (tests/test_plan.py).
+forward_stream call (the largest of: embedding, attention over the rolling window and the sink, FFN, audio
+injection, head) and is checked against allocations measured on CPU (tests/test_plan.py).
 """
 from __future__ import annotations
 
@@ -211,6 +211,24 @@ def token_counts(cfg: ModelConfig, size: tuple[int, int]) -> tuple[int, int, int
     return fs, sink, lat_h * lat_w
 
 
+def _cache_attention_stages(held: int, ldl: int, L: int, heads: int, dl: int, K: int, lc: int, c: int, kvb: int,
+                            cast_kv: bool, up: int, math: int) -> dict[str, int]:
+    """A compute-dtype cache's self-attention (model/segment_attention.py attend_two): the window is read in
+    place and the sink where it is stored, attended separately and merged by log-sum-exp, so nothing of size
+    K (window + sink) is allocated. What is: the sink keys re-roped (apply_rope's fp32 copy when the compute
+    dtype is not fp32, two half products, the stacked result; then the compute-dtype keys), each segment's
+    output and fp32 log-sum-exp, and the fp32 mix. A cache stored in another dtype than the compute dtype
+    (a plain cast) also casts the block's K and V in, and the window's K and V out, per call."""
+    f4, W = 4, K - lc
+    cast = 2 * ldl * kvb + 2 * W * dl * c if cast_kv else 0
+    sink_k = lc * dl * c
+    lse = L * heads * f4
+    # both outputs; then, at bf16, out_a beside the fp32 mix and out_a's fp32 copy; at fp32 no copies
+    mix = max(2 * ldl * c, (c + 2 * f4) * ldl if up else 0) + 3 * lse
+    return {"sink_rope": held + cast + lc * dl * f4 * (2 + up),
+            "attention": held + cast + sink_k + mix + math * max(W, lc)}
+
+
 def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compute: torch.dtype,
                      kv_dtype: torch.dtype, precision: str, attention: str) -> dict[str, int]:
     """Peak bytes alive during one block of the stream (B=1): the max over the stages of a forward_stream
@@ -219,7 +237,8 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
     Each stage lists the tensors the code holds at that point (model/block.py, model/attention.py):
     modulation, norms and RoPE in fp32 (a compute-dtype copy only when the dtypes differ), the residual
     stream in fp32 after the first gated add, an 8-bit W8A8 Linear's fp32 and int8 input copies and its
-    integer and scaled accumulators, the self-attention's [rolling window | re-roped sink] K and V.
+    integer and scaled accumulators, the self-attention's re-roped sink keys and per-segment outputs
+    (compute-dtype caches) or dequantized [rolling window | re-roped sink] K and V (8-bit caches).
     """
     fs, lc, _ = token_counts(cfg, size)
     c, f4, kvb = _bytes(compute), 4, _bytes(kv_dtype)
@@ -256,18 +275,25 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
         "qk_norm": x_in + m + 3 * ldl * c + ldl * norm_tmp,
         "v_projection": x_in + m + 3 * ldl * c + lx(L, D, dl),
         "rope": x_in + m + 4 * ldl * c + rope,
-        # 8-bit caches (model/kv_cache.py LayerKV._append_quantized): the block's K and V quantized (fp32 copy, its
-        # abs, the 8-bit result), then K and V of [window | sink] dequantized in place, the sink keys re-roped
-        # (apply_rope's fp32 copy when the compute dtype is not fp32, its two half products, the stacked result)
-        **({"kv_quantize": x_in + m + 5 * ldl * c + ldl * (2 * f4 + 1 + 1) + 2 * L * heads * f4,
-            "kv_dequant": x_in + m + 5 * ldl * c + 2 * K * dl * c + lc * dl * f4 * (2 + up)}
-           if is_quantized(kv_dtype) else
-           {"kv_concat": x_in + m + 5 * ldl * c + (ldl * kvb if kv_dtype != compute else 0) + lc * dl * (f4 + up * c)
-            + (K - lc) * dl * c * int(kv_dtype != compute) + 2 * K * dl * c}),
-        "attention": x_in + m + 4 * ldl * c + 2 * K * dl * c + math * K,
+        # self-attention through the caches (model/kv_cache.py LayerKV.attend); the caller holds the roped q, k
+        # and v throughout (the un-roped q and k are freed first)
+        **(_cache_attention_stages(x_in + m + 3 * ldl * c, ldl, L, heads, dl, K, lc, c, kvb, kv_dtype != compute,
+                                   up, math)
+           if not is_quantized(kv_dtype) else
+           # 8-bit caches (LayerKV._dequantized): the block's K and V quantized (fp32 copy, its abs, the 8-bit
+           # result), then K and V of [window | sink] dequantized in place, the sink keys re-roped (apply_rope's
+           # fp32 copy when the compute dtype is not fp32, its two half products, the stacked result), one SDPA
+           {"kv_quantize": x_in + m + 3 * ldl * c + ldl * (2 * f4 + 1 + 1) + 2 * L * heads * f4,
+            "kv_dequant": x_in + m + 3 * ldl * c + 2 * K * dl * c + lc * dl * f4 * (2 + up),
+            "attention": x_in + m + 4 * ldl * c + 2 * K * dl * c + math * K}),
         "o_projection": x_in + m + ldl * c + 2 * ld * c + lx(L, dl, D),
         "gate_attention": x_in + gate,
-        "cross_qk": x32 + m + 2 * (ldl + tdl) * c + (ldl + tdl) * norm_tmp + lx(max(L, T), D, dl),
+        # q and k projected (a Linear's temporaries beside them), then normed one after the other (model/
+        # attention.py qk_norm: the fp32 product and the weighted result, 8 bytes an element at any compute
+        # dtype), each beside both projections, k's beside the normed q; plus the gathered head sums
+        "cross_qk": x32 + m + (L + T) * cfg.num_heads * f4 + max(
+            ldl * c + lx(L, D, dl), (ldl + tdl) * c + lx(T, D, dl),
+            ldl * (c + 8) + tdl * c, 2 * ldl * c + tdl * (c + 8)),
         "cross_attention": x32 + m + (ldl + 2 * tdl) * c + ldl * c + math * T,
         "cross_output": x32 + m + ldl * c + 2 * ld * c + lx(L, dl, D),
         "cross_add": x32 + ld * f4 + ld * c,
