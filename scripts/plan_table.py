@@ -21,7 +21,7 @@ def main() -> None:
     args = ap.parse_args()
     h, w = (int(v) for v in args.size.split("*"))
     cfg = PRESETS["liveavatar-14b"]
-    print(f"| GPUs (TP) | precision | KV | weights | KV caches | activations | VAE (last rank) | peak, largest rank "
+    print(f"| GPUs (TP) | precision | KV | weights | KV caches | activations | VAE (host rank) | peak, largest rank "
           f"| fits {args.vram:g} GiB |\n|---|---|---|---|---|---|---|---|---|")
     for gpus in (1, 2, 4, 5, 8):
         for precision in ("bf16", "int8", "fp8"):
