@@ -132,6 +132,33 @@ print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "block_s": block_s, 
 """
 
 
+STAGE0 = r"""
+import json, sys, time
+from qavatar.model import PRESETS
+from qavatar.parallel.group import TPGroup
+from qavatar.parallel.load import load_rank
+from qavatar.parallel.plan import PlanRequest, make_plan
+from qavatar.parallel.stages import stage_layers
+
+# stage 0 of the pipeline layout (PP=4, TP=1) loaded from the quantized checkpoint: its layers, the embeddings
+path, precision, size, preset = sys.argv[1], sys.argv[2], tuple(int(v) for v in sys.argv[3].split("*")), sys.argv[4]
+cfg = PRESETS[preset]
+first = stage_layers(cfg, 4, (size[0] // 8, size[1] // 8))[0]
+t = time.perf_counter()
+loaded = load_rank(path, TPGroup(), stage=(range(*first), True, False))
+load_s = time.perf_counter() - t
+held = sum(v.numel() * v.element_size() for v in loaded.model.state_dict().values() if not v.is_meta)
+from qavatar.checkpoint import CheckpointReader
+reader = CheckpointReader(path)
+stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
+plan = make_plan(PlanRequest(cfg, gpus=4, pp=4, precision=precision, size=size, compute_dtype="fp32",
+                             kv_dtype="fp32", vae="cpu", stored=stored))
+b = plan.ranks[0].breakdown
+print(json.dumps({"layers": list(first), "load_s": load_s, "bytes_read": loaded.bytes_read, "held": held,
+                  "plan_held": sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params")))}))
+"""
+
+
 def sqnr_range(report: Path) -> dict:
     layers = json.loads(report.read_text())["layers"]
     dbs = sorted((max(l["sqnr_db"].values()), l["layer"]) for l in layers if l.get("sqnr_db") and l["quantized"])
@@ -144,7 +171,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="Where to write (default: a new temp dir).")
     ap.add_argument("--pairs", type=int, default=1, help="Calibration pairs.")
     ap.add_argument("--size", default="128*64", help="Calibration and streaming video size H*W.")
-    ap.add_argument("--steps", default="toy,int8,fp8", help="toy and/or int8, fp8 (each: quantize, inspect, rank0).")
+    ap.add_argument("--steps", default="toy,int8,fp8", help="toy and/or int8, fp8 (each: quantize, inspect, rank 0 of TP=4, stage 0 of PP=4).")
     ap.add_argument("--config", default="liveavatar-14b", help="Preset (tiny: a dry run of the script).")
     ap.add_argument("--blocks", type=int, default=1, help="Streaming blocks of the rank-0 step (4 fill the window).")
     ap.add_argument("--keep", action="store_true", help="Leave the checkpoints on disk.")
@@ -185,6 +212,10 @@ def main() -> int:
                          work / f"rank0-{precision}.log")
             r.update(json.loads(r["tail"][-1]))
             results.append(r)
+            r = run_step(f"stage 0 of PP=4 {precision}", py + ["-c", STAGE0, str(out), precision, args.size, args.config],
+                         work / f"stage0-{precision}.log")
+            r.update(json.loads(r["tail"][-1]))
+            results.append(r)
             if not args.keep:
                 shutil.rmtree(out)  # one quantized checkpoint on disk at a time
         if "rank0-bf16" in steps:
@@ -207,6 +238,9 @@ def main() -> int:
             s = r["sqnr"]
             extra = (f"{r['bytes'] / 1e6 / r['seconds']:.0f} MB/s written overall; layer SQNR {s['min_db']:.1f} "
                      f"({s['min_layer']}) .. {s['max_db']:.1f} dB, median {s['median_db']:.1f}")
+        elif "layers" in r:
+            extra = (f"layers {r['layers'][0]}-{r['layers'][1] - 1} and the embeddings: params+buffers "
+                     f"{r['plan_held'] / 1e9:.3f} / {r['held'] / 1e9:.3f} GB, load {r['load_s']:.0f} s")
         elif "plan_held" in r:
             extra = (f"params+buffers {r['plan_held'] / 1e9:.3f} / {r['held'] / 1e9:.3f} GB, KV {r['plan_kv'] / 1e6:.1f}"
                      f" / {r['kv'] / 1e6:.1f} MB, activations {r['plan_act'] / 1e6:.1f} / {r['act'] / 1e6:.1f} MB; "
