@@ -9,7 +9,7 @@ from qavatar.model.kv_quant import dequantize, kv_storage_dtype, quantize
 from qavatar.parallel.group import SINGLE
 from qavatar.parallel.launch import init_tp, spawn_ranks
 from qavatar.parallel.load import load_rank
-from qavatar.parallel.measure import AllocationTracker, held_bytes
+from qavatar.parallel.measure import held_bytes, steady_block_peak
 from qavatar.parallel.plan import PlanRequest, make_plan
 
 SIZE = (256, 128)  # 128 tokens per latent frame
@@ -80,15 +80,8 @@ def _measure(rank: int, world: int, path: str, kv: str) -> dict:
     s, g = _session(model, KV[kv])
     lh, lw = SIZE[0] // 8, SIZE[1] // 8
     noise, audio = torch.randn(1, 16, 3, lh, lw, generator=g), torch.randn(1, 25, model.cfg.audio_dim, 12, generator=g)
-    peaks = []
-    for _ in range(6):
-        tracker = AllocationTracker()
-        with tracker:
-            s.denoise_block(noise, audio)
-        peaks.append(tracker.peak)
-    # the window is full from the 5th block on; the least full-window peak is the steady state (test_plan.py)
     return {"held": held_bytes(model), "kv": s.cache_bytes(), "context": s.context.numel() * 4,
-            "activations": min(peaks[4:])}
+            "activations": steady_block_peak(s, noise, audio, blocks=6)}  # the window is full from the 5th block
 
 
 def test_tp2_fp8_kv_measured_against_plan(toy_ckpt):

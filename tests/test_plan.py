@@ -10,7 +10,7 @@ from qavatar.errors import ConfigError
 from qavatar.model import PRESETS
 from qavatar.parallel.launch import init_tp, spawn_ranks
 from qavatar.parallel.load import load_rank
-from qavatar.parallel.measure import AllocationTracker, held_bytes
+from qavatar.parallel.measure import held_bytes, steady_block_peak
 from qavatar.parallel.plan import ENCODERS, GiB, PlanRequest, find_recipe, make_plan, weight_bytes
 from qavatar.quant import QuantConfig
 from qavatar.quant.convert import quantize_checkpoint
@@ -152,17 +152,7 @@ def _measure(rank: int, world: int, paths: dict) -> dict:
         s = StreamingSession(model, torch.randn(1, 9, cfg.text_dim, generator=g), ref, motion,
                              *flow_match_schedule(), seed=0)
         noise, audio = torch.randn(1, 16, 3, lh, lw, generator=g), torch.randn(1, 25, cfg.audio_dim, 12, generator=g)
-        peaks = []
-        for _ in range(8):
-            tracker = AllocationTracker()
-            with tracker:
-                s.denoise_block(noise, audio)
-            peaks.append(tracker.peak)
-        # The window is full from the 5th block on, so blocks 5-8 allocate alike. gloo's worker thread drops
-        # its hold on a collective's tensors a moment after the collective returns; on a busy machine those
-        # frees come late and inflate one block's peak by a few tensors. The least of the full-window peaks
-        # is the steady state without that timing noise.
-        peak = min(peaks[4:])
+        peak = steady_block_peak(s, noise, audio, blocks=8)  # the window is full from the 5th block on
         out[name] = {"held": held_bytes(model), "kv": s.cache_bytes(), "context": s.context.numel() * 4,
                      "activations": peak}
     return out
