@@ -98,10 +98,15 @@ def _unbox(x: Any) -> Any:
     return pytree.tree_map(lambda v: v.unbox() if isinstance(v, _Boxed) else v, x)
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+def become_rank(rank: int, world: int, port: int) -> None:
+    """In a started process: torchrun's environment for this rank, and its share of the CPU cores."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the CPU cores, as torchrun's OMP=1
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    become_rank(rank, world, port)
     try:
         result = fn(rank, *args)
         queue.put((rank, "ok", _box(result)))

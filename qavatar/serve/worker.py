@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import queue as queue_mod
 import threading
 import time
@@ -113,12 +112,10 @@ def _message(e: BaseException) -> str:
 
 
 def _entry(rank: int, world: int, port: int, prep, jobs, events, failures, cancel) -> None:
-    import torch
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     from ..leftovers import Terminated
+    from ..parallel.launch import become_rank
+
+    become_rank(rank, world, port)
 
     try:
         serve_rank(rank, prep, jobs, events, cancel)
