@@ -15,6 +15,10 @@ Steps, each in a fresh process so its peak RSS (from wait4) is its own:
                latents are not the model's, the shapes, bytes and time are rank 0's. Parameter, KV-cache
                and activation bytes are compared with `qavatar plan`'s for the same settings (CPU: fp32
                compute and KV cache).
+    stage0     stage 0 of the pipeline layout (PP=4, TP=1: its layers and the embeddings) loaded from the
+               quantized checkpoint, then its share of the sink prefill and of --blocks blocks' calls, with
+               stages 1-3 stood in for (what it sends is counted and dropped, the flow it waits for comes back
+               as zeros). Parameter, KV-cache and activation bytes against `qavatar plan --pp 4`.
     rank0-bf16 (--steps rank0-bf16) the same from the bf16 checkpoint quantized to int8 while loading (`infer
                --precision int8` on a bf16 checkpoint): no calibration, so much cheaper than `quantize`
 Free disk space is checked first (the bf16 checkpoint and one quantized one at a time: about 52 GB); every
@@ -134,28 +138,69 @@ print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "block_s": block_s, 
 
 STAGE0 = r"""
 import json, sys, time
+import torch
+from qavatar.checkpoint import CheckpointReader
 from qavatar.model import PRESETS
+from qavatar.model.streaming import flow_match_schedule
 from qavatar.parallel.group import TPGroup
 from qavatar.parallel.load import load_rank
+from qavatar.parallel.measure import AllocationTracker
+from qavatar.parallel.pipeline import PipeGroup, PipelineStage, schedule_for
 from qavatar.parallel.plan import PlanRequest, make_plan
 from qavatar.parallel.stages import stage_layers
+from qavatar.parallel.stream import random_inputs
 
 # stage 0 of the pipeline layout (PP=4, TP=1) loaded from the quantized checkpoint: its layers, the embeddings
-path, precision, size, preset = sys.argv[1], sys.argv[2], tuple(int(v) for v in sys.argv[3].split("*")), sys.argv[4]
+path, precision, size, preset, blocks = sys.argv[1], sys.argv[2], tuple(int(v) for v in sys.argv[3].split("*")), \
+    sys.argv[4], int(sys.argv[5])
 cfg = PRESETS[preset]
-first = stage_layers(cfg, 4, (size[0] // 8, size[1] // 8))[0]
+latent_hw = (size[0] // 8, size[1] // 8)
+first = stage_layers(cfg, 4, latent_hw)[0]
 t = time.perf_counter()
 loaded = load_rank(path, TPGroup(), stage=(range(*first), True, False))
 load_s = time.perf_counter() - t
 held = sum(v.numel() * v.element_size() for v in loaded.model.state_dict().values() if not v.is_meta)
-from qavatar.checkpoint import CheckpointReader
+
+
+class Loopback:
+    # stages 1-3 stood in for: what stage 0 sends is counted and dropped, the flow it waits for comes back as
+    # zeros of the real shape (the sampler state is then not the model's; shapes, bytes and time are stage 0's)
+    sent = 0
+
+    def send(self, tensors, stage):
+        self.sent += sum(t.numel() * t.element_size() for t in tensors)
+
+    def recv(self, specs, stage):
+        return [torch.zeros(shape, dtype=dtype) for shape, dtype in specs]
+
+    def flush(self):
+        pass
+
+
+group = PipeGroup(0, 4, TPGroup(), range(*first))
+timesteps, sigmas = flow_match_schedule(4)
+context, inputs = random_inputs(cfg, latent_hw, blocks, 0)
+stage = PipelineStage(loaded.model, group, latent_hw, timesteps, sigmas, seed=0)
+stage.link = Loopback()
+tracker = AllocationTracker()
+t = time.perf_counter()
+with tracker:  # the sink prefill, then every call of `blocks` blocks through this stage's layers
+    stage.run(schedule_for(cfg, blocks, 4, 4, roll_sink=True), stage.share_context(context), inputs)
+run_s = time.perf_counter() - t
+calls = [e.end - e.start for e in stage.trace if e.step >= 0]
 reader = CheckpointReader(path)
 stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
 plan = make_plan(PlanRequest(cfg, gpus=4, pp=4, precision=precision, size=size, compute_dtype="fp32",
                              kv_dtype="fp32", vae="cpu", stored=stored))
 b = plan.ranks[0].breakdown
 print(json.dumps({"layers": list(first), "load_s": load_s, "bytes_read": loaded.bytes_read, "held": held,
-                  "plan_held": sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params")))}))
+                  "plan_held": sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params"))),
+                  "kv": stage.cache_bytes(), "plan_kv": b["kv_rolling"] + b["kv_sink"],
+                  # the run's peak less the sink it fills (held to the end): a call's activations, the text
+                  # context and audio tokens it holds throughout, the hand-off messages
+                  "act": tracker.peak - stage.sink.nbytes(),
+                  "plan_act": b["activations"] + b["session_tensors"] + b["pipeline_buffers"],
+                  "run_s": run_s, "call_s": calls, "sent": stage.link.sent}))
 """
 
 
@@ -212,7 +257,7 @@ def main() -> int:
                          work / f"rank0-{precision}.log")
             r.update(json.loads(r["tail"][-1]))
             results.append(r)
-            r = run_step(f"stage 0 of PP=4 {precision}", py + ["-c", STAGE0, str(out), precision, args.size, args.config],
+            r = run_step(f"stage 0 of PP=4 {precision}", py + ["-c", STAGE0, str(out), precision, args.size, args.config, str(args.blocks)],
                          work / f"stage0-{precision}.log")
             r.update(json.loads(r["tail"][-1]))
             results.append(r)
@@ -240,7 +285,10 @@ def main() -> int:
                      f"({s['min_layer']}) .. {s['max_db']:.1f} dB, median {s['median_db']:.1f}")
         elif "layers" in r:
             extra = (f"layers {r['layers'][0]}-{r['layers'][1] - 1} and the embeddings: params+buffers "
-                     f"{r['plan_held'] / 1e9:.3f} / {r['held'] / 1e9:.3f} GB, load {r['load_s']:.0f} s")
+                     f"{r['plan_held'] / 1e9:.3f} / {r['held'] / 1e9:.3f} GB, KV {r['plan_kv'] / 1e6:.1f} / "
+                     f"{r['kv'] / 1e6:.1f} MB, activations {r['plan_act'] / 1e6:.1f} / {r['act'] / 1e6:.1f} MB; "
+                     f"load {r['load_s']:.0f} s, {len(r['call_s'])} calls of {min(r['call_s']):.0f}-"
+                     f"{max(r['call_s']):.0f} s")
         elif "plan_held" in r:
             extra = (f"params+buffers {r['plan_held'] / 1e9:.3f} / {r['held'] / 1e9:.3f} GB, KV {r['plan_kv'] / 1e6:.1f}"
                      f" / {r['kv'] / 1e6:.1f} MB, activations {r['plan_act'] / 1e6:.1f} / {r['act'] / 1e6:.1f} MB; "
