@@ -195,3 +195,32 @@ def test_weight_bytes_shrink_with_tp():
     assert full["weights_8bit_replicated"] == 15_938_355_200  # every quantized Linear, whole, on one GPU
     assert four["weights_8bit_sharded"] * 4 == 15_309_209_600  # blocks + injector q/k/v/o, a quarter each
     assert four["weights_8bit_replicated"] == 629_145_600  # the 12 AdaLayerNorm projections stay whole
+
+
+def test_text_v_projection_and_audio_tokens_are_planned(tmp_path):
+    """A width where the text cross-attention's v projection of the 512 context tokens through a W8A8 Linear is
+    the block's peak (as at 14B width with few block tokens), and the audio encoder is not: measured within 2%.
+    Before it was planned the plan fell 16% short here; the audio tokens' view kept 22 frames alive (+29 KB)."""
+    from qavatar.checkpoint.toy import make_toy_checkpoint
+    from qavatar.checkpoint import CheckpointReader
+    from qavatar.checkpoint.load import find_dit_dir
+    from qavatar.model.streaming import StreamingSession, flow_match_schedule
+
+    cfg = PRESETS["tiny"].replace(dim=256, ffn_dim=512, num_layers=2, audio_inject_layers=(0,), name="tiny-wide")
+    toy = make_toy_checkpoint(tmp_path / "toy", config=cfg, encoders=False)
+    q = quantize_checkpoint(toy, tmp_path / "int8", QuantConfig("int8"), calibration="none", log=lambda s: None).out
+    size = (128, 64)
+    model = load_rank(q, init_tp(1)).model
+    lh, lw = size[0] // 8, size[1] // 8
+    g = torch.Generator().manual_seed(0)
+    s = StreamingSession(model, torch.randn(1, 9, cfg.text_dim, generator=g), torch.randn(1, 16, 1, lh, lw, generator=g),
+                         torch.randn(1, 16, 19, lh, lw, generator=g), *flow_match_schedule(), seed=0)
+    noise, audio = torch.randn(1, 16, 3, lh, lw, generator=g), torch.randn(1, 25, cfg.audio_dim, 12, generator=g)
+    measured = steady_block_peak(s, noise, audio, blocks=5)
+    reader = CheckpointReader(find_dit_dir(q))
+    plan = make_plan(PlanRequest(cfg, gpus=1, precision="int8", size=size, compute_dtype="fp32", kv_dtype="fp32",
+                                 vae="cpu", stored={k: tuple(reader.shape(k)) for k in reader.keys()}))
+    detail = plan.activation_detail
+    assert max((k for k in detail if k.startswith("stage_")), key=detail.get) == "stage_cross_v"
+    assert detail["peak"] > detail["audio_encoder"]
+    assert abs(plan.ranks[0].breakdown["activations"] - measured) <= 0.02 * measured, (detail["peak"], measured)

@@ -103,7 +103,8 @@ class LiveAvatarDiT(nn.Module):
         audio = audio.to(self.device)
         audio = torch.cat([audio[..., :1].expand(*audio.shape[:-1], pre), audio], dim=-1)
         glob, local = self.casual_audio_encoder(audio)
-        return glob[:, drop:].to(self.dtype), local[:, drop:].to(self.dtype)
+        # copies, not views: a view of the kept frames would hold all pre + 4F frames' storage for the block
+        return glob[:, drop:].to(self.dtype, copy=True), local[:, drop:].to(self.dtype, copy=True)
 
     def embed_video(self, x: torch.Tensor, cond_states: Optional[torch.Tensor]) -> torch.Tensor:
         """Noisy latents [B, C, F, H, W] (+ pose/cond latents) -> tokens [B, F*h*w, dim].

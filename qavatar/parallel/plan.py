@@ -294,6 +294,11 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
         "cross_qk": x32 + m + (L + T) * cfg.num_heads * f4 + max(
             ldl * c + lx(L, D, dl), (ldl + tdl) * c + lx(T, D, dl),
             ldl * (c + 8) + tdl * c, 2 * ldl * c + tdl * (c + 8)),
+        # v of the context tokens projected beside the normed q and k (at 14B width, 512 text tokens: the
+        # peak). A W8A8 Linear's two phases apart: quantizing the input, then the int8 input, the accumulator,
+        # its output and the bias-added copy (the output does not exist while the input is quantized)
+        "cross_v": x32 + m + (ldl + tdl) * c + (
+            max(T * D * (up * f4 + f4 + 1), T * D + tdl * f4 + 2 * tdl * c) if w8a8 else 2 * tdl * c + lx(T, D, dl)),
         "cross_attention": x32 + m + (ldl + 2 * tdl) * c + ldl * c + math * T,
         "cross_output": x32 + m + ldl * c + 2 * ld * c + lx(L, dl, D),
         "cross_add": x32 + ld * f4 + ld * c,
