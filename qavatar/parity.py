@@ -376,10 +376,11 @@ def _vae_stream(fx: Fixture, model: LiveAvatarDiT, case: dict) -> Iterator[Check
 
 
 def _clip_boundary(fx: Fixture, model: LiveAvatarDiT, case: dict) -> Iterator[Check]:
-    """The tpp orchestration over a clip boundary, run by pipeline.clips.ClipRunner over a StreamingSession
-    (the objects `infer` uses): sink prefill, 4 blocks x 4 steps, rolling-sink re-prefill, the next clip."""
-    from .model.streaming import flow_match_schedule
-    from .pipeline.clips import ClipRunner
+    """The tpp orchestration over a clip boundary, run by the functions `infer` runs (pipeline.clips.clip_inputs,
+    model.streaming.stream_sequential over a StreamingSession): sink prefill, 4 blocks x 4 steps, rolling-sink
+    re-prefill, the next clip."""
+    from .model.streaming import flow_match_schedule, stream_sequential
+    from .pipeline.clips import clip_inputs
 
     name, s, tol = case["name"], case["scalars"], TOLERANCES["clip_boundary"]
     inp = {k: fx[v] for k, v in _inputs(case).items()}
@@ -411,29 +412,46 @@ def _clip_boundary(fx: Fixture, model: LiveAvatarDiT, case: dict) -> Iterator[Ch
     outputs = set(_output_keys(case))
     yield from sink_checks(f"{name}.sink_clip0")
     clip_frames = 4 * cfg.clip_latent_frames
+    per_clip, fpb = cfg.clip_latent_frames // cfg.num_frames_per_block, cfg.num_frames_per_block
+    blocks = sum(s["blocks_run"].values())
     got_calls: list = []
-    runner = ClipRunner(session, inp["motion_latents"], s["clips"], sum(s["blocks_run"].values()),
-                        noise=lambda r: inp[f"clip{r}_noise"][None],
-                        audio=lambda r: inp["audio_emb"][..., r * clip_frames:(r + 1) * clip_frames],
-                        on_call=lambda r, b, info: got_calls.append((r, b, info)))
+    rolled: list = []  # what the session's sink was re-prefilled with
+    roll_sink = session.roll_sink
+    session.roll_sink = lambda ref, motion: (rolled.append((ref, motion)), roll_sink(ref, motion))[1]
+    inputs = clip_inputs(cfg, lambda r: inp[f"clip{r}_noise"][None],
+                         lambda r: inp["audio_emb"][..., r * clip_frames:(r + 1) * clip_frames],
+                         inp["ref_latents"], inp["motion_latents"])
     ran: dict[str, int] = {}
     block_audio = {}
-    for out in runner:
-        r, b = out.clip, out.block
+    checks: list[Check] = []  # taken as each block finishes (the caches move on with the next one)
+
+    def on_block(g: int, latents: torch.Tensor) -> None:
+        r, b = divmod(g, per_clip)
         ran[f"clip{r}"] = ran.get(f"clip{r}", 0) + 1
-        block_audio[r, b] = list(out.audio_frames)
+        block_audio[r, b] = [r * clip_frames + 4 * b * fpb, r * clip_frames + 4 * (b + 1) * fpb]
         if b == 0 and r > 0 and f"{name}.sink_clip{r}.cond_k" in outputs:
-            yield from sink_checks(f"{name}.sink_clip{r}")
+            checks.extend(sink_checks(f"{name}.sink_clip{r}"))
         key = f"{name}.c{r}_b{b}.final_latents"
-        yield _compare(name, key, out.latents[0], fx[key], tol)
-        tags = [f"after_clip{r}_block{b}"] + ([f"after_clip{r}"] if out.clip_done else [])
+        checks.append(_compare(name, key, latents[0], fx[key], tol))
+        clip_done = b == per_clip - 1 or g == blocks - 1
+        tags = [f"after_clip{r}_block{b}"] + ([f"after_clip{r}"] if clip_done else [])
         for key in sorted(outputs):
             m = re.fullmatch(rf"{re.escape(name)}\.(after_clip\d+(?:_block\d+)?)\.cache(\d+)\.layer(\d+)\.(k|v)", key)
             if m and m.group(1) in tags:
                 cache = getattr(session.caches[int(m.group(2))], m.group(4))
-                yield _compare(name, key, cache[int(m.group(3)), 0], fx[key], tol)
+                checks.append(_compare(name, key, cache[int(m.group(3)), 0], fx[key], tol))
+
+    try:
+        stream_sequential(session, blocks, inputs, on_block,
+                          on_call=lambda info: got_calls.append((*divmod(info.block, per_clip), info)))
+    finally:
+        session.roll_sink = roll_sink
+    yield from checks
     yield from _facts(name, f"{name}.blocks_run", ran, s["blocks_run"])
-    yield _compare(name, f"{name}.new_ref_latents", runner.new_ref, fx[f"{name}.new_ref_latents"], tol)
+    yield _fact(name, f"{name}.sink_rolls", len(rolled), 1 if blocks > per_clip else 0)
+    if rolled:
+        yield _compare(name, f"{name}.new_ref_latents", rolled[0][0], fx[f"{name}.new_ref_latents"], tol)
+        yield _compare(name, f"{name}.motion_latents (rolled sink)", rolled[0][1], inp["motion_latents"], 0.0)
 
     yield _fact(name, f"{name}.call_order", [(r, b, info.step) for r, b, info in got_calls],
                 [(c["clip"], c["block"], c["step"]) for c in calls])

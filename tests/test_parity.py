@@ -137,9 +137,9 @@ def test_fp32_sampler_state_is_one_bf16_rounding_from_the_references(fixture):
     """The reference keeps the sampler state in bf16 (diffusers' Euler step adds in fp32 and casts back); qavatar
     keeps fp32. On the clip-boundary inputs, the reference's state arithmetic (state rounded to bf16 before every
     call, fp32 update, result rounded) ends one bf16 rounding away from qavatar's: no growth over steps and blocks."""
-    from qavatar.model.streaming import StreamingSession
+    from qavatar.model.streaming import StreamingSession, stream_sequential
     from qavatar.parity import Fixture
-    from qavatar.pipeline.clips import ClipRunner
+    from qavatar.pipeline.clips import clip_inputs
 
     fx = Fixture(fixture)
     case = next(c for c in fx.cases if c["name"] == "clip_boundary")
@@ -157,10 +157,12 @@ def test_fp32_sampler_state_is_one_bf16_rounding_from_the_references(fixture):
                 return forward(x, *a, **k)
             model.forward_stream = rounded
         try:
-            runner = ClipRunner(session, inp["motion_latents"], s["clips"], blocks,
-                                noise=lambda r: inp[f"clip{r}_noise"][None].bfloat16().float(),
-                                audio=lambda r: inp["audio_emb"][..., r * frames:(r + 1) * frames])
-            out = torch.stack([o.latents for o in runner])
+            inputs = clip_inputs(model.cfg, lambda r: inp[f"clip{r}_noise"][None].bfloat16().float(),
+                                 lambda r: inp["audio_emb"][..., r * frames:(r + 1) * frames],
+                                 inp["ref_latents"], inp["motion_latents"])
+            got: list = []
+            stream_sequential(session, blocks, inputs, lambda b, x: got.append(x))
+            out = torch.stack(got)
         finally:
             model.forward_stream = forward
         return out.bfloat16().float() if bf16_state else out

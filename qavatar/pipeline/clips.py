@@ -1,23 +1,22 @@
 """The clip loop of the reference's multi-GPU pipeline, its bookkeeping, and the decoded-frame stream.
 
     plan_clips()   audio length -> wav2vec2 frames, clips, frames (the reference's count, and what qavatar keeps)
-    ClipRunner     clip after clip, block after block, through one StreamingSession: clip r's noise and audio,
-                   the rolling sink after clip 0 (its first generated latent frame becomes the reference)
+    clip_inputs()  per-clip noise and audio cut into the per-block inputs that model/streaming.stream_sequential
+                   (and the pipeline stages) run clip after clip, with the rolling sink after clip 0
     FrameStream    the VAE side: warm the causal cache on the first motion latents, decode each block as it
                    comes, drop the stream's first frames
 
-`infer` runs these on the real encoders' outputs; `check-parity` runs the same objects on the golden fixture's
-inputs, so the parity check covers the code that makes the video.
+`infer` runs these on the real encoders' outputs; `check-parity` runs the same functions (and stream_sequential)
+on the golden fixture's inputs, so the parity check covers the code that makes the video.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
-from ..model.streaming import CallInfo, StreamingSession
+from ..model.streaming import BlockInputs, rolled_condition
 
 DROP_FRAMES = 3  # the reference drops the stream's first 3 decoded frames
 VAE_WARMUP_LATENTS = 7  # motion latents decoded (and discarded) to warm the VAE's causal cache
@@ -72,55 +71,32 @@ def plan_clips(num_samples: int, kernels: "tuple[int, ...]", strides: "tuple[int
                     max(needed - drop, 0))
 
 
-@dataclass
-class BlockOut:
-    clip: int
-    block: int  # within the clip
-    latents: torch.Tensor  # [B, C, frames_per_block, h, w], fp32
-    audio_frames: tuple[int, int]  # video frames of the audio this block used (global)
-    dit_seconds: float  # DiT time of this block, and of the sink re-prefill that followed it
-    clip_done: bool  # the last block of its clip
+def clip_inputs(cfg, noise: Callable[[int], torch.Tensor], audio: Callable[[int], torch.Tensor],
+                ref_latents: torch.Tensor, motion_latents: torch.Tensor) -> BlockInputs:
+    """Per-block inputs (model/streaming.BlockInputs) from per-clip draws, as the reference makes them.
 
-
-class ClipRunner:
-    """Runs `clips` clips of `session` (at most `blocks` blocks in all), yielding each denoised block.
-
-    noise(r) -> [B, C, clip_latent_frames, h, w]; audio(r) -> [B, layers, C_a, 4 * clip_latent_frames]. Both are
-    called once per clip on every rank, in order (they may hold collectives). After clip 0 (when a clip 1
-    follows), the sink is re-prefilled with latent frame 0 of clip 0's block 0 and the unchanged motion latents;
-    later clips keep that sink. The rolling KV caches and the frame counter run on across clips.
+    noise(r) -> [B, C, clip_latent_frames, h, w]; audio(r) -> [B, layers, C_a, 4 * clip_latent_frames]. Each is
+    called once per clip, when the clip's first block asks, on every rank and in order (they may hold
+    collectives); the previous clip's tensor is dropped then. The sink rolls after clip 0: latent frame 0 of
+    the first block becomes the reference, the motion latents stay.
     """
+    per_clip, fpb = cfg.clip_latent_frames // cfg.num_frames_per_block, cfg.num_frames_per_block
+    return BlockInputs(_per_block(noise, per_clip, lambda x, i: x[:, :, i * fpb:(i + 1) * fpb]),
+                       _per_block(audio, per_clip, lambda x, i: x[..., 4 * i * fpb:4 * (i + 1) * fpb]),
+                       rolled_condition(ref_latents, motion_latents))
 
-    def __init__(self, session: StreamingSession, motion_latents: torch.Tensor, clips: int, blocks: int,
-                 noise: Callable[[int], torch.Tensor], audio: Callable[[int], torch.Tensor],
-                 on_call: Optional[Callable[[int, int, CallInfo], None]] = None):
-        cfg = session.cfg
-        self.session, self.motion, self.clips, self.blocks = session, motion_latents, clips, blocks
-        self.noise, self.audio, self.on_call = noise, audio, on_call
-        self.fpb, self.per_clip = cfg.num_frames_per_block, cfg.clip_latent_frames // cfg.num_frames_per_block
-        self.new_ref: Optional[torch.Tensor] = None
 
-    def __iter__(self) -> Iterator[BlockOut]:
-        fpb, done = self.fpb, 0
-        clip_audio_frames = 4 * self.per_clip * fpb
-        for r in range(self.clips):
-            audio, noise = self.audio(r), self.noise(r)
-            last = min(self.per_clip, self.blocks - done) - 1
-            for b in range(last + 1):
-                t = time.perf_counter()
-                a0, a1 = 4 * b * fpb, 4 * (b + 1) * fpb
-                lat = self.session.denoise_block(
-                    noise[:, :, b * fpb:(b + 1) * fpb], audio[..., a0:a1],
-                    on_call=None if self.on_call is None else (lambda info, r=r, b=b: self.on_call(r, b, info)))
-                if r == 0 and b == 0:
-                    self.new_ref = lat[:, :, :1]
-                if r == 0 and b == last and r + 1 < self.clips and done + 1 < self.blocks:
-                    self.session.roll_sink(self.new_ref, self.motion)  # the rolling sink
-                done += 1
-                yield BlockOut(r, b, lat, (r * clip_audio_frames + a0, r * clip_audio_frames + a1),
-                               time.perf_counter() - t, b == last)
-            if done >= self.blocks:
-                return
+def _per_block(draw: Callable[[int], torch.Tensor], per_clip: int,
+               piece: Callable[[torch.Tensor, int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    held: dict[int, torch.Tensor] = {}
+
+    def block(b: int) -> torch.Tensor:
+        r, i = divmod(b, per_clip)
+        if r not in held:
+            held.clear()  # the previous clip's tensor is no longer needed
+            held[r] = draw(r)
+        return piece(held[r], i)
+    return block
 
 
 class FrameStream:

@@ -363,11 +363,10 @@ def generate(state: RankState, prep: Prepared, side: Optional[_Host],
     on every rank after block b is written; it must answer the same on every rank (the server broadcasts its
     cancel flag), and True stops the run with Cancelled at that block boundary, the ranks left ready."""
     from ..model.kv_quant import kv_storage_dtype
-    from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, \
-        stream_sequential
+    from ..model.streaming import StreamingSession, flow_match_schedule, stream_sequential
     from ..parallel.pipeline import PipelineStage, schedule_for
     from .latents_out import open_for_run
-    from .clips import FrameStream
+    from .clips import FrameStream, clip_inputs
     from .noise import clip_noise
     from .progress import Progress
     from .vae import to_uint8_frames
@@ -387,11 +386,9 @@ def generate(state: RankState, prep: Prepared, side: Optional[_Host],
         context = tp.broadcast(side.context if host else None, src, device).float()[None]
         ref = tp.broadcast(side.ref if host else None, src, device).float()
         motion = tp.broadcast(side.motion if host else None, src, device).float()
-        inputs = BlockInputs(_per_clip(lambda r: clip_noise(prep.noise, req.seed, r, cfg.in_dim, cfg.clip_latent_frames,
-                                                            *prep.latent_hw, device), per_clip),
-                             _per_clip(lambda r: tp.broadcast(side.audio.clip(r) if host else None, src, device),
-                                       per_clip, slice_audio=True, fpb=cfg.num_frames_per_block),
-                             rolled_condition(ref, motion))
+        inputs = clip_inputs(cfg, lambda r: clip_noise(prep.noise, req.seed, r, cfg.in_dim, cfg.clip_latent_frames,
+                                                       *prep.latent_hw, device),
+                             lambda r: tp.broadcast(side.audio.clip(r) if host else None, src, device), ref, motion)
 
     progress = Progress(prep.clips, prep.blocks, req.sample_steps, prep.frames, quiet=req.quiet or not host)
     writer = stream = latents_file = None
@@ -463,24 +460,6 @@ def generate(state: RankState, prep: Prepared, side: Optional[_Host],
     if prep.device == "cuda":
         res.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     return res
-
-
-def _per_clip(draw: Callable[[int], torch.Tensor], per_clip: int, slice_audio: bool = False,
-              fpb: int = 0) -> Callable[[int], torch.Tensor]:
-    """A per-block view of a per-clip tensor, drawn (or received) once when the clip's first block asks."""
-    held: dict[int, torch.Tensor] = {}
-
-    def block(b: int) -> torch.Tensor:
-        r, i = divmod(b, per_clip)
-        if r not in held:
-            held.clear()  # the previous clip's tensor is no longer needed
-            held[r] = draw(r)
-        x = held[r]
-        if slice_audio:
-            return x[..., 4 * i * fpb:4 * (i + 1) * fpb]
-        f = x.shape[2] // per_clip
-        return x[:, :, i * f:(i + 1) * f]
-    return block
 
 
 def infer(req: InferRequest, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> list[RankResult]:
