@@ -280,7 +280,8 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
 def serve(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 or quantized), the ckpt/ root, or "
                                                    "ORG/NAME[@REVISION] on the Hub."),
           tp: int = typer.Option(1, help="Tensor-parallel ranks, started once and kept loaded."),
-          pp: int = typer.Option(1, help="Pipeline stages (not supported by the server yet)."),
+          pp: int = typer.Option(1, help="Pipeline stages: the DiT's layers split over PP ranks (x TP each), "
+                                         "balanced for the model's default size; every job size runs on them."),
           precision: Optional[str] = typer.Option(None, help="bf16, int8 or fp8 (default: the checkpoint's own)."),
           host: str = typer.Option("127.0.0.1", help="Address to bind (localhost by default)."),
           port: int = typer.Option(7860, help="Port of the page and the API."),

@@ -76,6 +76,7 @@ from qavatar.parallel.measure import AllocationTracker, held_bytes
 from qavatar.parallel.plan import PlanRequest, make_plan
 
 path, precision, size, preset = sys.argv[1], sys.argv[2], tuple(int(v) for v in sys.argv[3].split("*")), sys.argv[4]
+RUNS_AS = {} if torch.cuda.is_available() else {"fp8": "fp8-wo"}  # what this device computes
 at_load = sys.argv[5] == "at-load"
 
 
@@ -126,12 +127,15 @@ if not at_load:
 plan = make_plan(PlanRequest(PRESETS[preset], gpus=4, precision=precision, size=size, compute_dtype="fp32",
                              kv_dtype="fp32", vae="cpu", stored=stored))
 b = plan.ranks[0].breakdown
+# the CPU runs fp8 weight-only (no fp8 matmul): its activations are fp8-wo's (each Linear's weight dequantized)
+ran = make_plan(PlanRequest(PRESETS[preset], gpus=4, precision=RUNS_AS.get(precision, precision), size=size,
+                            compute_dtype="fp32", kv_dtype="fp32", vae="cpu")).ranks[0].breakdown
 gpu = make_plan(PlanRequest(PRESETS[preset], gpus=4, precision=precision, size=size, stored=stored))
 print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "block_s": block_s, "bytes_read": loaded.bytes_read,
                   "finite": bool(torch.isfinite(out).all()),
                   "held": held_bytes(model), "kv": s.cache_bytes(), "act": act,
                   "plan_held": sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params"))),
-                  "plan_kv": b["kv_rolling"] + b["kv_sink"], "plan_act": b["activations"],
+                  "plan_kv": b["kv_rolling"] + b["kv_sink"], "plan_act": ran["activations"],
                   "plan_rank_total": plan.ranks[0].peak, "gpu_plan_rank_total": gpu.ranks[0].peak}))
 """
 
@@ -153,6 +157,7 @@ from qavatar.parallel.stream import random_inputs
 # stage 0 of the pipeline layout (PP=4, TP=1) loaded from the quantized checkpoint: its layers, the embeddings
 path, precision, size, preset, blocks = sys.argv[1], sys.argv[2], tuple(int(v) for v in sys.argv[3].split("*")), \
     sys.argv[4], int(sys.argv[5])
+RUNS_AS = {} if torch.cuda.is_available() else {"fp8": "fp8-wo"}  # what this device computes
 cfg = PRESETS[preset]
 latent_hw = (size[0] // 8, size[1] // 8)
 first = stage_layers(cfg, 4, latent_hw)[0]
@@ -193,13 +198,15 @@ stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
 plan = make_plan(PlanRequest(cfg, gpus=4, pp=4, precision=precision, size=size, compute_dtype="fp32",
                              kv_dtype="fp32", vae="cpu", stored=stored))
 b = plan.ranks[0].breakdown
+ran = make_plan(PlanRequest(cfg, gpus=4, pp=4, precision=RUNS_AS.get(precision, precision), size=size,
+                            compute_dtype="fp32", kv_dtype="fp32", vae="cpu")).ranks[0].breakdown
 print(json.dumps({"layers": list(first), "load_s": load_s, "bytes_read": loaded.bytes_read, "held": held,
                   "plan_held": sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params"))),
                   "kv": stage.cache_bytes(), "plan_kv": b["kv_rolling"] + b["kv_sink"],
                   # the run's peak less the sink it fills (held to the end): a call's activations, the text
                   # context and audio tokens it holds throughout, the hand-off messages
                   "act": tracker.peak - stage.sink.nbytes(),
-                  "plan_act": b["activations"] + b["session_tensors"] + b["pipeline_buffers"],
+                  "plan_act": ran["activations"] + ran["session_tensors"] + ran["pipeline_buffers"],
                   "run_s": run_s, "call_s": calls, "sent": stage.link.sent}))
 """
 

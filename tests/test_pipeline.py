@@ -166,6 +166,54 @@ def test_every_stage_runs_the_items_in_the_schedule_order(runs):
     assert s["items"] == BLOCKS * 4 + 2  # every call and both sink prefills
 
 
+def _cancel_job(rank: int, pp: int, ckpt: str, halt_at: int, blocks: int) -> dict:
+    """A run stopped before block `halt_at` (stage 0 decides), then a whole run on the same loaded ranks."""
+    from qavatar.model.streaming import flow_match_schedule
+    from qavatar.parallel.load import load_rank
+    from qavatar.parallel.pipeline import PipelineStage, init_pipeline, schedule_for
+    from qavatar.parallel.stream import _config, random_inputs
+
+    torch.set_num_threads(1)
+    cfg = _config(ckpt)
+    group = init_pipeline(pp, 1, stage_layers(cfg, pp, LATENT_HW), timeout_s=60)
+    model = load_rank(ckpt, group.tp, stage=(group.layers, group.first, group.last)).model
+    context, inputs = random_inputs(cfg, LATENT_HW, blocks, 5)
+    out, asked = {}, []
+
+    def stop_before(b):
+        asked.append(b)
+        return b >= halt_at
+
+    for name, stop in (("halted", stop_before), ("whole", lambda b: False)):
+        stage = PipelineStage(model, group, LATENT_HW, *flow_match_schedule(4), seed=5)
+        got = []
+        halted = stage.run(schedule_for(cfg, blocks, 4, pp, roll_sink=True),
+                           stage.share_context(context if group.first else None), inputs if group.first else None,
+                           (lambda b, x: got.append(x)) if group.first else None, cancellable=True,
+                           stop_before=stop if group.first else None)
+        out[name] = {"halted": halted, "latents": torch.cat(got, dim=2) if got else None,
+                     "items": len(stage.trace)}
+    out["asked"] = asked
+    return out
+
+
+@pytest.mark.parametrize("halt_at", [2, 4])  # 4: the first item of block 4 is the rolled sink's prefill
+def test_a_cancelled_pipeline_stops_every_stage_at_the_same_block(toy_ckpt, halt_at):
+    """Stage 0 asks before each new block and passes the answer down (through a middle stage here): every stage
+    drops the same items, the blocks already started finish and equal the whole run's, and the same ranks then
+    run a whole job (no message left in flight)."""
+    blocks = 6
+    runs = spawn_ranks(_cancel_job, 3, args=(3, str(toy_ckpt), halt_at, blocks), timeout_s=300)
+    for r in runs:
+        assert r["halted"]["halted"] == halt_at and r["whole"]["halted"] is None
+    items = {r["halted"]["items"] for r in runs}
+    assert len(items) == 1 and items.pop() < runs[0]["whole"]["items"]
+    assert runs[0]["asked"] == list(range(1, halt_at + 1))  # before each new block, not again once halted
+    halted, whole = runs[0]["halted"]["latents"], runs[0]["whole"]["latents"]
+    assert halted.shape[2] == 3 * halt_at and whole.shape[2] == 3 * blocks
+    assert torch.equal(halted, whole[:, :, :3 * halt_at])
+
+
 def _kv_job(rank: int, pp: int, ckpt: str, kv: str) -> dict:
     from qavatar.model.kv_quant import kv_storage_dtype
     from qavatar.parallel.launch import init_tp

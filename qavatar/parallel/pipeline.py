@@ -199,9 +199,15 @@ class PipelineStage:
 
     @torch.no_grad()
     def run(self, items: list[WorkItem], context: torch.Tensor, inputs: Optional[BlockInputs],
-            on_block: Optional[Callable[[int, torch.Tensor], None]] = None, t0: Optional[float] = None) -> None:
+            on_block: Optional[Callable[[int, torch.Tensor], None]] = None, t0: Optional[float] = None,
+            cancellable: bool = False, stop_before: Optional[Callable[[int], bool]] = None) -> Optional[int]:
         """Run this stage's share of `items`. Stage 0 needs `inputs` and calls on_block(block, latents) for
-        every finished block, in order."""
+        every finished block, in order.
+
+        cancellable (the same on every rank): before the first item of each block b >= 1, stage 0 asks
+        stop_before(b) and passes the answer down the stages in-band (one flag per block and link), so that every
+        stage drops the same items: those of blocks b and later. The blocks already started finish (stage 0 still
+        hands them to on_block). Returns the block it stopped before, or None when every item ran."""
         g, cfg, steps = self.group, self.cfg, len(self.timesteps)
         t0 = time.perf_counter() if t0 is None else t0
         num_blocks = 1 + max(i.block for i in items if not i.prefill)
@@ -235,7 +241,17 @@ class PipelineStage:
 
         self._pending_flow: dict[tuple[int, int], torch.Tensor] = {}
         self._first_block = None
+        halted: Optional[int] = None
+        asked: set[int] = {0}
         for item in items:
+            if halted is not None and item.block >= halted:
+                continue
+            if cancellable and item.block not in asked:
+                asked.add(item.block)
+                if self._halt(item.block, stop_before):
+                    halted = item.block
+                    unreturned = collections.deque(i for i in unreturned if i.block < halted)
+                    continue
             start = time.perf_counter() - t0
             if item.prefill:
                 if g.first:
@@ -285,6 +301,19 @@ class PipelineStage:
         if g.first:
             take_flows((-1, -1))  # the rest
         self.link.flush()
+        return halted
+
+    def _halt(self, block: int, stop_before: Optional[Callable[[int], bool]]) -> bool:
+        """Stage 0 decides whether to stop before `block`; every later stage receives the decision from the one
+        before it and passes it on."""
+        g = self.group
+        if g.first:
+            flag = torch.tensor([int(bool(stop_before is not None and stop_before(block)))])
+        else:
+            (flag,) = self.link.recv([((1,), torch.int64)], g.stage - 1)
+        if not g.last:
+            self.link.send([flag.to(self.device)], g.stage + 1)
+        return bool(flag.item())
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches) + self.sink.nbytes()

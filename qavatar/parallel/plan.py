@@ -243,7 +243,8 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
     fs, lc, _ = token_counts(cfg, size)
     c, f4, kvb = _bytes(compute), 4, _bytes(kv_dtype)
     up = int(compute != torch.float32)  # 1 when casting between fp32 and the compute dtype copies
-    L = cfg.num_frames_per_block * fs
+    F = cfg.num_frames_per_block
+    L = F * fs
     D, hd, T = cfg.dim, cfg.head_dim, cfg.text_len
     heads = tp.shard(cfg.num_heads, "num_heads")
     dl = heads * hd
@@ -256,7 +257,8 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
         """A Linear's temporaries beyond its output (and its bias-added copy)."""
         if w8a8:  # quantizing the input: fp32 copy, input / scale, int8; then int8 input + integer accumulator
             return max(rows * n_in * (up * f4 + f4 + 1), rows * n_in + rows * n_out * f4)
-        return n_in * n_out * c if wo else 0  # weight-only: the dequantized weight
+        # weight-only: the weight dequantized in fp32 (quant/kernels.py dequantize_weight) and its compute-dtype copy
+        return n_in * n_out * (f4 + up * c) if wo else 0
 
     ld, ldl, tdl = L * D, L * dl, T * dl
     # the block input (the caller holds it for the whole block) and, from the first gated add on, the fp32
@@ -307,14 +309,15 @@ def activation_bytes(cfg: ModelConfig, tp: TPGroup, size: tuple[int, int], compu
         "ffn_gelu": x32 + m + 2 * L * fl * c,
         "ffn_out": x32 + m + L * fl * c + 2 * ld * c + lx(L, fl, D),
         "gate_ffn": x32 + gate,
-        "audio_adain": x_in + 2 * ld * c,
+        # the AdaLN's shift/scale Linear (a replicated D -> 2D on F rows: its temporaries, e.g. a weight-only
+        # layer's dequantized weight), then the norm
+        "audio_adain": x_in + max(2 * ld * c, lx(F, D, 2 * D) + 2 * F * 2 * D * c),
         "audio_attention": x_in + m + 2 * ldl * c + ldl * norm_tmp + lx(L, D, dl),
         "audio_output": x_in + m + ldl * c + 2 * ld * c + lx(L, dl, D),
         "audio_add": 3 * ld * c,
         "head": ld * c + (3 + up) * ld * f4 + 2 * L * cfg.out_dim * 4 * f4,
     }
     latents = cfg.num_frames_per_block * cfg.in_dim * (size[0] // 8) * (size[1] // 8) * f4
-    F = cfg.num_frames_per_block
     # the sampler's latents, the two RoPE tables, the time embeddings and this block's modulation, audio tokens
     call = latents + (L + lc) * hd * f4 + F * D * f4 * 25 + F * (cfg.num_audio_token + 2) * D * c
     audio_frames = cfg.motion_frames[0] + 4 * cfg.num_frames_per_block

@@ -359,9 +359,11 @@ def run_rank(rank: int, prep: Prepared, on_frames: Optional[Callable[[torch.Tens
 def generate(state: RankState, prep: Prepared, side: Optional[_Host],
              on_frames: Optional[Callable[[torch.Tensor], None]] = None,
              stop: Optional[Callable[[int], bool]] = None, t_start: Optional[float] = None) -> RankResult:
-    """One run on a loaded rank (side: the host's encoded inputs, None elsewhere). stop(b), when given, is asked
-    on every rank after block b is written; it must answer the same on every rank (the server broadcasts its
-    cancel flag), and True stops the run with Cancelled at that block boundary, the ranks left ready."""
+    """One run on a loaded rank (side: the host's encoded inputs, None elsewhere). stop(b), when given (on every
+    rank), is asked after block b is written, on every rank of a TP group, or, with layer stages, on the first
+    stage's ranks before block b + 1 starts (the blocks in flight then finish, and the decision is passed down
+    the stages). It must answer the same on every rank asked (the server broadcasts its cancel flag); True
+    stops the run with Cancelled at that block boundary, the ranks left ready."""
     from ..model.kv_quant import kv_storage_dtype
     from ..model.streaming import StreamingSession, flow_match_schedule, stream_sequential
     from ..parallel.pipeline import PipelineStage, schedule_for
@@ -421,7 +423,7 @@ def generate(state: RankState, prep: Prepared, side: Optional[_Host],
             res.clip_seconds.append(now - clock["clip"])
             clock["clip"] = now
             progress.clip_done(r)
-        if stop is not None and b < prep.blocks - 1 and stop(b):
+        if pipe is None and stop is not None and b < prep.blocks - 1 and stop(b):
             raise Cancelled(f"cancelled after block {b + 1} of {prep.blocks}")
 
     try:
@@ -438,8 +440,12 @@ def generate(state: RankState, prep: Prepared, side: Optional[_Host],
                                   kv_dtype=kv_storage_dtype(req.kv_dtype))
             res.cache_bytes = stage.cache_bytes()
             ctx = stage.share_context(context)
-            stage.run(schedule_for(cfg, prep.blocks, req.sample_steps, prep.pp, roll_sink=True), ctx, inputs,
-                      on_block if pipe.first else None)
+            # stop is asked on stage 0 only, before each new block; the answer travels down the stages
+            halted = stage.run(schedule_for(cfg, prep.blocks, req.sample_steps, prep.pp, roll_sink=True), ctx, inputs,
+                               on_block if pipe.first else None, cancellable=stop is not None,
+                               stop_before=(lambda b: stop(b - 1)) if stop is not None and pipe.first else None)
+            if halted is not None:
+                raise Cancelled(f"cancelled after block {halted} of {prep.blocks}")
         if host:
             if latents_file is not None:
                 latents_file.close()

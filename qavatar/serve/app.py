@@ -230,8 +230,6 @@ def serve(req, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float =
     from ..pipeline.infer import prepare
     from .worker import RankGroup
 
-    if req.pp > 1:
-        raise ConfigError("qavatar serve runs tensor-parallel rank groups (--tp); --pp is not supported yet")
     missing = [b for b in ("ffmpeg", "ffprobe") if shutil.which(b) is None]
     if missing:
         raise ConfigError(f"qavatar serve streams through Gradio's video output, which needs the {' and '.join(missing)} "

@@ -1,12 +1,14 @@
 """The rank group behind `qavatar serve`: ranks start once, load once, then loop on jobs.
 
 Every rank runs serve_rank(): join the group, load its DiT slice (the host also keeps its encoders), then
-loop. The host (the last TP rank, the one that encodes, decodes and writes) takes a job from the server's
-queue, encodes its inputs (a bad input fails here, before any other rank is involved, and the group stays
-ready), then broadcasts the job so every rank runs generate() in lockstep. While idle the host broadcasts a
-heartbeat every HEARTBEAT_S, so an idle rank never sits in a collective longer than the group timeout, and a
-dead peer is noticed within a heartbeat. After every block the host broadcasts the cancel flag: cancel stops
-all ranks at the same block boundary and they go back to waiting.
+loop. The host (the last TP rank, of the first stage with --pp: the one that encodes, decodes and writes)
+takes a job from the server's queue, encodes its inputs (a bad input fails here, before any other rank is
+involved, and the group stays ready), then broadcasts the job so every rank runs generate() in lockstep. While
+idle the host broadcasts a heartbeat every HEARTBEAT_S, so an idle rank never sits in a collective longer than
+the group timeout, and a dead peer is noticed within a heartbeat. After every block the host broadcasts the
+cancel flag to its TP group: cancel stops all ranks at the same block boundary and they go back to waiting.
+With --pp the first stage asks before each new block and passes the answer down the stages
+(parallel/pipeline.py), so every stage drops the same blocks.
 
 The server side (RankGroup) owns the processes: it submits jobs, reads the host's events (frames per block,
 done, error), and watches the processes: when one dies, the group is marked dead with a message naming the
@@ -40,14 +42,19 @@ class Job:
     prep: Any  # pipeline.infer.Prepared, with the request's out in the server's temp dir
 
 
-def _share(state, obj: Any) -> Any:
-    """The host's object on every rank of the TP group (the identity with one rank)."""
-    if state.tp.size == 1:
-        return obj
+def _share(state, obj: Any, world: bool = False) -> Any:
+    """The host's object on every rank of its TP group (the first stage's), or of the whole group with world=True
+    (every stage: the jobs). The identity with one rank."""
     import torch.distributed as dist
 
+    if world and dist.is_initialized() and dist.get_world_size() > 1:
+        group = None
+    elif state.tp.size > 1:
+        group = state.tp.process_group
+    else:
+        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=state.tp.size - 1, group=state.tp.process_group)
+    dist.broadcast_object_list(box, src=state.tp.size - 1, group=group)  # the host: stage 0's last TP rank
     return box[0]
 
 
@@ -81,7 +88,7 @@ def serve_rank(rank: int, prep, jobs, events, cancel) -> None:
                 except Exception as e:
                     events.put(("error", job.id, _message(e)))
                     job = None
-        job = _share(state, job)
+        job = _share(state, job, world=True)
         if job == STOP:
             return
         if job is None:
@@ -91,7 +98,7 @@ def serve_rank(rank: int, prep, jobs, events, cancel) -> None:
         def on_frames(frames, job=job):
             events.put(("frames", job.id, frames.numpy()))
 
-        def stop(b: int) -> bool:
+        def stop(b: int) -> bool:  # asked on the TP group that holds the host (with --pp: the first stage)
             return bool(_share(state, cancel.is_set() if state.host else None))
 
         try:
