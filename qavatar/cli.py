@@ -174,6 +174,15 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
             precision = precision or qscheme.get("precision", "bf16")
         precision = precision or "fp8"
         h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
+        profile = None
+        if gpu or link_gbps is not None or tflops is not None:
+            from .parallel.speed import get_profile
+
+            profile = get_profile(gpu or "rtx4090", link_gbps, tflops)
+            if precision == "fp8" and not profile.fp8_tflops:  # no fp8 matmul: every Linear dequantizes its weight
+                typer.echo(f"note: {profile.name} has no fp8 tensor cores; fp8 weights run weight-only there, "
+                           f"planned as fp8-wo (the same weight bytes, a dequantized weight per call)", err=True)
+                precision = "fp8-wo"
         req = PlanRequest(cfg, gpus=gpus, vram=parse_bytes(vram), precision=precision, size=(h, w),
                           kv_dtype=kv_dtype, t5=t5, vae=vae, wav2vec2=wav2vec2, replicated_dit=replicated,
                           pipeline=pipeline, pp=pp, vae_rank=vae_rank, exact_int8_reduce=not bf16_reduce)
@@ -186,10 +195,9 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
         else:
             result = make_plan(req)
         speed = None
-        if gpu or link_gbps is not None or tflops is not None:
-            from .parallel.speed import get_profile, layouts, recommended
+        if profile is not None:
+            from .parallel.speed import layouts, recommended
 
-            profile = get_profile(gpu or "rtx4090", link_gbps, tflops)
             options = layouts(req, profile)
             speed = (profile, options, recommended(options))
     except (QavatarError, ValueError) as e:

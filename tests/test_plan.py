@@ -109,6 +109,17 @@ def test_cli_json_contract():
     assert r.exit_code == 0 and "cheapest recipe (fewest-gpus): --gpus" in r.output
 
 
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_planned_weight_only():
+    args = ["plan", "--gpus", "4", "--precision", "fp8", "--kv-dtype", "fp8", "--json"]
+    ada = json.loads(runner.invoke(app, args + ["--gpu", "rtx4090"]).stdout)
+    r = runner.invoke(app, args + ["--gpu", "rtx3090"])
+    assert r.exit_code == 0 and "planned as fp8-wo" in r.stderr
+    ampere = json.loads(r.stdout)
+    # the same weight bytes; a dequantized weight per call on the RTX 3090 (the audio AdaLN's is the largest)
+    assert ampere["breakdown"]["weights_8bit_sharded"] == ada["breakdown"]["weights_8bit_sharded"]
+    assert ampere["breakdown"]["activations"] > ada["breakdown"]["activations"]
+
+
 def test_encoder_sizes_match_the_libraries():
     import diffusers
     import transformers
