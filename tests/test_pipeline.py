@@ -356,3 +356,26 @@ def test_layout_auto_takes_the_planners_fastest_fitting_layout():
     assert (same.tp, same.pp, notes) == (2, 2, [])  # given layouts are kept
     with pytest.raises(ConfigError, match="--tp 2 --pp 1 needs 2 ranks but 4 are started"):
         resolve_layout(InferRequest("c", "i", "a", "p", "o", tp=2, gpus=4), cfg, "fp8", (704, 384), "cpu")
+
+
+def test_layout_auto_plans_fp8_weight_only_on_a_gpu_without_fp8_matmul(monkeypatch):
+    """An RTX 3090 (sm86) runs an fp8 checkpoint weight-only: the layout is chosen with fp8-wo's memory."""
+    import types
+
+    from qavatar.model.config import resolve_config
+    from qavatar.parallel import plan as plan_mod
+    from qavatar.pipeline.infer import InferRequest, resolve_layout
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: types.SimpleNamespace(total_memory=24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 6))
+    real = plan_mod.choose_layout
+    monkeypatch.setattr(plan_mod, "choose_layout", lambda req, *a, **k: (seen.append(req.precision), real(req, *a, **k))[1])
+    req, notes = resolve_layout(InferRequest("c", "i", "a", "p", "o", gpus=4), resolve_config("liveavatar-14b"), "fp8",
+                                (704, 384), "cuda")
+    assert seen == ["fp8-wo"] and req.tp * req.pp == 4 and "RTX 3090 as rtx3090" in notes[0]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 9))
+    resolve_layout(InferRequest("c", "i", "a", "p", "o", gpus=4), resolve_config("liveavatar-14b"), "fp8",
+                   (704, 384), "cuda")
+    assert seen == ["fp8-wo", "fp8"]

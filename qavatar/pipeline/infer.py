@@ -238,6 +238,8 @@ def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tu
         gpu = profile_for_device(name) or "rtx4090"
         why = f"{name} as {gpu}" + ("" if profile_for_device(name) else " (unknown GPU: the rtx4090 profile)")
     plan_precision = precision if precision in ("bf16", "int8", "fp8", "int8-wo", "fp8-wo") else "bf16"
+    if plan_precision == "fp8" and device == "cuda" and torch.cuda.get_device_capability(local) < (8, 9):
+        plan_precision = "fp8-wo"  # no fp8 matmul on this GPU: the weights are dequantized per call
     tp, pp = choose_layout(PlanRequest(cfg, gpus=world, vram=vram, precision=plan_precision, size=size,
                                        steps=req.sample_steps, kv_dtype=req.kv_dtype), gpu, world=world)
     return dataclasses.replace(req, tp=tp, pp=pp), [f"layout auto: --pp {pp} --tp {tp} on {world} ranks, the "
