@@ -156,9 +156,9 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
     """Will it fit, and how fast? Per-rank peak memory broken down with a verdict; with --gpu, every layout's
     predicted seconds per block, fps, bytes between ranks and bottleneck, the fastest that fits marked."""
     from .model import resolve_config
-    from .parallel.plan import PlanRequest, find_recipe, format_plan, make_plan
-    from .quant.convert import parse_size
+    from .parallel.plan import KV_DTYPES, PlanRequest, find_recipe, format_plan, make_plan, parse_hw, stored_layers
 
+    stored = None
     try:
         cfg = resolve_config(config)
         if checkpoint:
@@ -167,13 +167,15 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
             from .model import from_wan_config
 
             where = resolve_checkpoint(checkpoint, files="config")
-            raw = json.loads(((where if looks_like_repo(checkpoint) else find_dit_dir(where)) / "config.json")
-                             .read_text())
+            hub = looks_like_repo(checkpoint)
+            raw = json.loads(((where if hub else find_dit_dir(where)) / "config.json").read_text())
             cfg = from_wan_config(raw, name=checkpoint)
+            stored = stored_layers(cfg, raw, None if hub else find_dit_dir(where))
             qscheme = (raw.get("quantization_config") or {}).get("qavatar", {}).get("scheme", {})
             precision = precision or qscheme.get("precision", "bf16")
+            stored_family = qscheme.get("precision", "bf16").split("-")[0]  # its layers, if planned at its bits
         precision = precision or "fp8"
-        h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
+        h, w = parse_hw(size)
         profile = None
         if gpu or link_gbps is not None or tflops is not None:
             from .parallel.speed import get_profile
@@ -183,9 +185,17 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
                 typer.echo(f"note: {profile.name} has no fp8 tensor cores; fp8 weights run weight-only there, "
                            f"planned as fp8-wo (the same weight bytes, a dequantized weight per call)", err=True)
                 precision = "fp8-wo"
+        if kv_dtype not in KV_DTYPES:
+            raise QavatarError(f"--kv-dtype {kv_dtype}: choose {', '.join(KV_DTYPES)}")
+        if parse_bytes(vram) <= 0:
+            raise QavatarError(f"--vram {vram}: give the memory of one GPU, e.g. 24GiB")
+        if recipe and pp > 1:
+            raise QavatarError("--recipe searches GPU counts, precisions and KV dtypes of the tensor-parallel "
+                               "layout; drop --pp (with --gpu, the layouts table ranks the layer stages)")
         req = PlanRequest(cfg, gpus=gpus, vram=parse_bytes(vram), precision=precision, size=(h, w),
                           kv_dtype=kv_dtype, t5=t5, vae=vae, wav2vec2=wav2vec2, replicated_dit=replicated,
-                          pipeline=pipeline, pp=pp, vae_rank=vae_rank, exact_int8_reduce=not bf16_reduce)
+                          pipeline=pipeline, pp=pp, vae_rank=vae_rank, exact_int8_reduce=not bf16_reduce,
+                          stored=stored if stored and precision.split("-")[0] == stored_family else None)
         if recipe:
             if recipe not in ("fewest-gpus", "quality"):
                 raise QavatarError("--recipe is fewest-gpus or quality")
@@ -198,7 +208,7 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
         if profile is not None:
             from .parallel.speed import layouts, recommended
 
-            options = layouts(req, profile)
+            options = layouts(result.request, profile)  # the recipe's settings when one was searched
             speed = (profile, options, recommended(options))
     except (QavatarError, ValueError) as e:
         _fail(e)
@@ -215,7 +225,7 @@ def plan(gpus: int = typer.Option(4, help="GPUs (the tensor-parallel degree)."),
         if speed:
             from .parallel.speed import format_layouts
 
-            typer.echo(format_layouts(req, *speed))
+            typer.echo(format_layouts(result.request, *speed))
     if not result.fits:
         raise typer.Exit(1)
 
@@ -227,14 +237,15 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           audio: Path = typer.Option(..., help="Speech track (any format FFmpeg decodes)."),
           prompt: str = typer.Option("A person talking to the camera, natural expression.", help="Text prompt."),
           out: Path = typer.Option(..., help="Output .mp4 (written to a temporary file, then renamed)."),
-          precision: Optional[str] = typer.Option(None, help="bf16, int8 or fp8 (default: the checkpoint's own; "
-                                                             "a bf16 checkpoint is quantized while loading)."),
+          precision: Optional[str] = typer.Option(None, help="bf16, int8, fp8, int8-wo or fp8-wo (default: the "
+                                                             "checkpoint's own; a bf16 checkpoint is quantized "
+                                                             "while loading)."),
           tp: int = typer.Option(1, help="Tensor-parallel degree (ranks are started for you, or use torchrun)."),
           pp: int = typer.Option(1, help="Pipeline stages: the DiT's layers split over PP ranks (x TP each), "
                                          "blocks streamed through them in timestep-forcing order."),
           gpus: Optional[int] = typer.Option(None, help="Ranks to start (default: --tp x --pp, or torchrun's); "
                                                         "without --tp/--pp the planner picks the fastest layout "
-                                                        "that fits (`--layout auto`)."),
+                                                        "that fits (layout auto)."),
           size: Optional[str] = typer.Option(None, help="Output area as H*W, e.g. 704*384; the aspect ratio "
                                                         "follows the image, sides are multiples of 64."),
           num_clip: Optional[int] = typer.Option(None, help="Clips of 48 frames (default: what the audio covers)."),
@@ -290,7 +301,8 @@ def serve(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           tp: int = typer.Option(1, help="Tensor-parallel ranks, started once and kept loaded."),
           pp: int = typer.Option(1, help="Pipeline stages: the DiT's layers split over PP ranks (x TP each), "
                                          "balanced for the model's default size; every job size runs on them."),
-          precision: Optional[str] = typer.Option(None, help="bf16, int8 or fp8 (default: the checkpoint's own)."),
+          precision: Optional[str] = typer.Option(None, help="bf16, int8, fp8, int8-wo or fp8-wo (default: the "
+                                                             "checkpoint's own)."),
           host: str = typer.Option("127.0.0.1", help="Address to bind (localhost by default)."),
           port: int = typer.Option(7860, help="Port of the page and the API."),
           device: str = typer.Option("auto", help="auto, cuda or cpu."),

@@ -4,7 +4,7 @@ Each carries the id of the process that made it. The process removes it on every
 exceptions (the writers' own `except BaseException`), and SIGTERM, which `install_terminate_handler` turns
 into an exception (`Terminated`) for as long as the work runs. What a SIGKILL or a power cut leaves is
 removed by the next run writing the same output, once the process that made it is gone (`remove_stale`),
-with a one-line note.
+with a one-line note; a replaced output whose replacement never arrived is renamed back, not removed.
 """
 from __future__ import annotations
 
@@ -60,9 +60,19 @@ def remove_stale(out: "str | Path", note: Optional[Callable[[str], None]] = None
         entries = list(out.parent.iterdir()) if out.parent.is_dir() else []
     except OSError:
         return removed
+    stale = []
     for p in entries:
         m = _LEFTOVER.match(p.name)
-        if m is None or m["name"] != out.name or pid_alive(int(m["pid"])):
+        if m is not None and m["name"] == out.name and not pid_alive(int(m["pid"])):
+            stale.append((p, m))
+    olds = sorted((p for p, m in stale if m["kind"] == "old"), key=lambda p: p.lstat().st_mtime)
+    if olds and not out.exists() and not out.is_symlink():
+        # killed between moving the previous output aside and renaming the new one in: the old one is the output
+        os.replace(olds[-1], out)
+        note(f"restored {out.name} from {olds[-1].name}: a run of process {_LEFTOVER.match(olds[-1].name)['pid']} "
+             f"was replacing it when it was killed")
+    for p, m in stale:
+        if not (p.exists() or p.is_symlink()):
             continue
         remove(p)
         if not p.exists():

@@ -54,6 +54,7 @@ def check_output(out: "str | Path", overwrite: bool, flag: str = "--out", planne
     from .leftovers import remove_stale
 
     out = Path(out).absolute()
+    remove_stale(out)  # first: a killed run's replaced output is renamed back, and then counts as existing
     if out.exists() and not overwrite:
         raise OutputError(f"{flag} {out} already exists; choose another output or pass --overwrite")
     if kind == "file":
@@ -70,7 +71,6 @@ def check_output(out: "str | Path", overwrite: bool, flag: str = "--out", planne
         if free < planned_bytes:
             raise OutputError(f"{flag} {out}: the output needs about {_human(planned_bytes)} but {where} has "
                               f"{_human(free)} free; free some space or choose another disk")
-    remove_stale(out)
     return out
 
 

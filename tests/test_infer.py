@@ -271,6 +271,19 @@ def test_quantized_checkpoint_finds_its_source_encoders(ckpts):
     assert parts.precision == "fp8" and parts.encoders == Path(ckpts["bf16"]) / "Wan2.2-S2V-14B"
 
 
+def test_precision_must_name_the_stored_scheme():
+    """W8A8 and weight-only are different numerics: asking for one on a checkpoint of the other is an error, never a
+    silent run of the stored scheme."""
+    for requested, stored in [("int8-wo", "int8"), ("int8", "int8-wo"), ("fp8", "fp8-wo")]:
+        with pytest.raises(ConfigError, match=f"--precision {requested} but the checkpoint is {stored} .*"
+                                              f"use --precision {stored}"):
+            resolve_precision(requested, stored, "cpu")
+    assert resolve_precision("int8", "int8", "cpu") == (None, [])
+    assert resolve_precision("int8-wo", "bf16", "cpu")[0] == "int8-wo"
+    with pytest.raises(ConfigError, match="choose bf16, int8, fp8, int8-wo or fp8-wo"):
+        resolve_precision("int4", "bf16", "cpu")
+
+
 def test_gpu_checks(ckpts, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -282,8 +295,11 @@ def test_gpu_checks(ckpts, tmp_path, monkeypatch):
     assert runtime == "fp8-wo" and "no FP8 tensor cores" in notes[-1]
     runtime, notes = resolve_precision(None, "fp8", "cuda")  # an fp8 checkpoint runs weight-only, said once
     assert runtime is None and "weight-only" in notes[0]
+    assert resolve_precision("fp8-wo", "fp8", "cuda") == (runtime, notes)  # what runs anyway: asking is fine
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))  # an RTX 4090
     assert resolve_precision("fp8", "bf16", "cuda") == ("fp8", [resolve_precision("fp8", "bf16", "cpu")[1][0]])
+    with pytest.raises(ConfigError, match="--precision fp8-wo but the checkpoint is fp8 .W8A8"):
+        resolve_precision("fp8-wo", "fp8", "cuda")  # on sm89 the fp8 checkpoint runs W8A8, not what was asked
 
 
 def test_more_clips_than_the_audio_covers_is_capped(ckpts, tmp_path):

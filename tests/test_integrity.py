@@ -311,10 +311,32 @@ def test_stale_leftovers_of_dead_processes_are_removed_with_a_note(toy_ckpt, tmp
     for name in (f".q.partial-{dead}-0123abcd", f".q.old-{dead}-89abcdef"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "diffusion_pytorch_model.safetensors").write_bytes(b"GBs")
-    quantize_checkpoint(toy_ckpt, tmp_path / "q", QuantConfig("int8"), calibration="none", log=_quiet)
+    # killed between moving q aside and renaming the new one in: q is renamed back, so it exists again
+    with pytest.raises(QavatarError, match="already exists"):
+        quantize_checkpoint(toy_ckpt, tmp_path / "q", QuantConfig("int8"), calibration="none", log=_quiet)
+    assert (tmp_path / "q" / "diffusion_pytorch_model.safetensors").read_bytes() == b"GBs"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q")) == []
     err = capsys.readouterr().err
-    assert "left by an interrupted write" in err and "left by a replaced output" in err
+    assert "left by an interrupted write" in err and f"restored q from .q.old-{dead}-89abcdef" in err
+
+    (tmp_path / f".q.old-{dead}-89abcdef").mkdir()  # with q in place, a stale copy of an older q is just removed
+    quantize_checkpoint(toy_ckpt, tmp_path / "q", QuantConfig("int8"), calibration="none", overwrite=True,
+                        log=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q")) == []
+    assert "left by a replaced output" in capsys.readouterr().err
+
+
+def test_a_killed_runs_latents_partial_is_removed_by_the_next_run(tmp_path, capsys):
+    from qavatar.pipeline.latents_out import LatentsWriter, check_latents_out
+
+    w = LatentsWriter(tmp_path / "lat.safetensors", (1, 16, 3, 2, 2), {"seed": 0})
+    w._f.close()
+    dead = _dead_pid()
+    left = w.tmp.with_name(w.tmp.name.replace(f"partial-{os.getpid()}-", f"partial-{dead}-"))
+    w.tmp.rename(left)  # what kill -9 leaves: pre-sized to the whole run
+    check_latents_out(tmp_path / "lat.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert f"removed {left.name}, left by an interrupted write of process {dead}" in capsys.readouterr().err
 
 
 def test_overwrite_onto_a_file_leaves_no_old_copy(toy_ckpt, tmp_path):

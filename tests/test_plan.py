@@ -1,5 +1,6 @@
 """`qavatar plan`: the 14B verdicts, the JSON contract, recipes, and agreement with measured memory."""
 import json
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from typer.testing import CliRunner
 from qavatar.cli import app
 from qavatar.errors import ConfigError
 from qavatar.model import PRESETS
+from qavatar.parallel import TPGroup
 from qavatar.parallel.launch import init_tp, spawn_ranks
 from qavatar.parallel.load import load_rank
 from qavatar.parallel.measure import held_bytes, steady_block_peak
@@ -79,8 +81,12 @@ def test_plan_of_a_reduced_layer_stack():
 
 
 def test_bad_degree():
-    with pytest.raises(ConfigError, match="num_heads=40 is not divisible by the tensor-parallel degree 3"):
+    with pytest.raises(ConfigError, match="--gpus 3: a tensor-parallel degree of 3 splits the 40 attention heads; "
+                                          "use --pp 3 .*or a TP degree of 1, 2, 4, 5, 8 per stage"):
         make_plan(PlanRequest(B14, gpus=3))
+    assert make_plan(PlanRequest(B14, gpus=3, pp=3)).tp == 1  # what the message offers is a plan
+    with pytest.raises(ConfigError, match="--gpus 6 --pp 2: a tensor-parallel degree of 3"):
+        make_plan(PlanRequest(B14, gpus=6, pp=2))
     five = make_plan(PlanRequest(B14, gpus=5, precision="int8"))  # FFN 13824 splits 2765 x 4 + 2764
     assert five.ranks[0].breakdown["weights_8bit_sharded"] > five.ranks[4].breakdown["weights_8bit_sharded"]
 
@@ -107,6 +113,44 @@ def test_cli_json_contract():
     assert r.exit_code == 1 and "DOES NOT FIT" in r.output
     r = runner.invoke(app, ["plan", "--gpus", "8", "--recipe", "fewest-gpus"])
     assert r.exit_code == 0 and "cheapest recipe (fewest-gpus): --gpus" in r.output
+
+
+def test_cli_refuses_what_it_cannot_plan_in_one_line():
+    for args, msg in [(["--size", "704"], "--size '704': expected H*W in pixels"),
+                      (["--size", "704x384x2"], "expected H*W in pixels"),
+                      (["--size", "700*384"], "--size 700*384: sides must be multiples of 16"),
+                      (["--kv-dtype", "fp16"], "--kv-dtype fp16: choose bf16, int8, fp8"),
+                      (["--vram", "-24GiB"], "--vram -24GiB: give the memory of one GPU"),
+                      (["--recipe", "fewest-gpus", "--pp", "2"], "drop --pp")]:
+        r = runner.invoke(app, ["plan", *args])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, (args, r.output)
+        assert msg in r.output, (args, r.output)
+
+
+def test_placement_names_the_ranks_that_hold_them():
+    # the reference layout on 5 GPUs: 4 replicas, the 5th decodes; umT5 goes to the host rank (the last replica)
+    r = runner.invoke(app, ["plan", "--replicated", "--gpus", "5", "--t5", "gpu", "--precision", "bf16"])
+    assert "placement: T5 on rank 3; wav2vec2 on CPU; VAE decode on rank 4" in r.output
+    plan = make_plan(PlanRequest(B14, gpus=5, replicated_dit=True, t5="gpu", precision="bf16"))
+    assert plan.ranks[3].breakdown["t5"] > 0 and plan.ranks[4].breakdown["t5"] == 0
+    assert plan.ranks[4].breakdown["vae"] > 0 and plan.ranks[3].breakdown["vae"] == 0
+
+
+def test_a_speed_table_with_a_vae_rank_names_what_infer_runs():
+    r = runner.invoke(app, ["plan", "--gpus", "5", "--gpu", "rtx4090"])
+    best = re.search(r"fastest that fits: tp=(\d+) pp=(\d+), VAE on its own rank", r.output)
+    assert best, r.output  # the reference's 5th-GPU decode wins the model's ranking
+    runs = re.search(r"planned only: `qavatar infer` decodes on the host rank; the fastest it runs: tp=(\d+) "
+                     r"pp=(\d+)", r.output)
+    from qavatar.parallel.plan import choose_layout
+
+    assert runs and tuple(map(int, runs.groups())) == choose_layout(PlanRequest(B14, gpus=5), "rtx4090", world=5)
+
+
+def test_a_recipe_is_ranked_with_its_own_settings():
+    r = runner.invoke(app, ["plan", "--gpus", "2", "--gpu", "rtx3090", "--recipe", "fewest-gpus"])
+    assert r.exit_code == 0 and "cheapest recipe" in r.output and "no layout fits" not in r.output
+    assert "fastest that fits" in r.output
 
 
 def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_planned_weight_only():
@@ -256,3 +300,28 @@ def test_text_v_projection_and_audio_tokens_are_planned(tmp_path):
     detail, planned, measured = _one_rank_block_peak(cfg, "int8", tmp_path)
     assert _worst_stage(detail) == "stage_cross_v" and detail["peak"] > detail["audio_encoder"]
     assert abs(planned - measured) <= 0.02 * measured, (planned, measured)
+
+
+def test_a_checkpoint_is_planned_with_the_layers_it_kept_bf16(toy_ckpt, ckpts, tmp_path):
+    """--ignore/--auto-skip keep Linears bf16: the plan of such a checkpoint holds them at 2 bytes, from its
+    headers here, or from its quantization_config's `ignore` with only config.json (a Hub checkpoint)."""
+    from qavatar.checkpoint import CheckpointReader
+    from qavatar.checkpoint.load import find_dit_dir
+    from qavatar.parallel.plan import stored_layers
+
+    kept = quantize_checkpoint(toy_ckpt, tmp_path / "kept", QuantConfig("int8", ignore=("blocks.*",)),
+                               calibration="none", log=lambda s: None).out
+    raw = CheckpointReader(find_dit_dir(kept)).config
+    req = dict(gpus=1, precision="int8", size=SIZE, compute_dtype="fp32", kv_dtype="fp32", vae="cpu")
+    held = {}
+    for how, stored in [("headers", stored_layers(PRESETS["tiny"], raw, find_dit_dir(kept))),
+                        ("config", stored_layers(PRESETS["tiny"], raw))]:
+        b = make_plan(PlanRequest(PRESETS["tiny"], stored=stored, **req)).ranks[0].breakdown
+        held[how] = sum(v for k, v in b.items() if k.startswith(("weights", "scales", "params")))
+    assert held["headers"] == held_bytes(load_rank(kept, TPGroup(0, 1)).model)  # exact
+    assert abs(held["config"] - held["headers"]) <= 0.01 * held["headers"]  # less the static/smoothing scales
+    r = runner.invoke(app, ["plan", "--checkpoint", str(kept), "--gpus", "1", "--size", "128*64", "--json"])
+    every = runner.invoke(app, ["plan", "--checkpoint", ckpts["int8"], "--gpus", "1", "--size", "128*64", "--json"])
+    w = {n: sum(v for k, v in json.loads(x.stdout)["breakdown"].items() if k.startswith(("weights", "scales", "params")))
+         for n, x in (("kept", r), ("every", every))}
+    assert w["kept"] > 1.1 * w["every"], w  # 47 of 62 Linears at 2 bytes, not 1

@@ -321,3 +321,24 @@ def test_printed_layouts_table_and_pp_errors():
     out = json.loads(r.output)
     assert out["tp"] == 2 and len(out["ranks"]) == 5 and out["ranks"][4]["breakdown"]["vae"] > 0
     assert out["ranks"][4]["breakdown"]["kv_rolling"] == 0 and out["ranks"][3]["breakdown"]["vae"] == 0
+
+
+@pytest.mark.parametrize("cuda_name, profile", [
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 3090 Ti", "rtx3090"), ("NVIDIA L40S", "l40s"),
+    ("NVIDIA A100-SXM4-80GB", "a100-sxm"), ("NVIDIA A100-PCIE-40GB", "a100-pcie"),
+    ("NVIDIA A100 80GB PCIe", "a100-pcie"), ("NVIDIA H100 80GB HBM3", "h100-sxm"), ("NVIDIA H100 PCIe", "h100-pcie"),
+    ("NVIDIA H100 NVL", "h100-pcie"), ("NVIDIA H200", "h200"), ("Tesla T4", None)])
+def test_cuda_device_names_map_to_their_link(cuda_name, profile):
+    from qavatar.parallel.speed import profile_for_device
+
+    assert profile_for_device(cuda_name) == profile
+
+
+def test_a_rank_count_no_layout_uses_is_not_called_a_memory_problem():
+    from qavatar.errors import ConfigError
+    from qavatar.parallel.plan import GiB, PlanRequest, choose_layout
+
+    with pytest.raises(ConfigError, match="5 ranks cannot be split as TP x PP for this model \\(4 heads, 4 layers\\)"):
+        choose_layout(PlanRequest(TINY, gpus=5, vram=10 ** 6 * GiB, precision="bf16", size=(128, 64)), world=5)
+    with pytest.raises(ConfigError, match="no layout of 2 GPU\\(s\\) fits 1 GiB"):
+        choose_layout(PlanRequest(B14, gpus=2, vram=GiB, precision="bf16", size=(704, 384)), world=2)

@@ -231,3 +231,20 @@ def test_stream_latents_out_at_tp2_equals_tp1(checkpoints, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qavatar.parallel.stream", "--checkpoint", str(checkpoints["int8"]),
                         "--latents-out", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "is a directory" in r.stderr
+
+
+def test_world_size_without_a_launcher_is_a_clear_error(monkeypatch):
+    from qavatar.parallel.launch import launcher_rank
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launcher_rank() is None
+    monkeypatch.setenv("WORLD_SIZE", "2")  # some job schedulers export it on their own
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RankError, match="WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT are not: launch "
+                                        "with torchrun, or unset WORLD_SIZE"):
+        launcher_rank()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert launcher_rank() == 1

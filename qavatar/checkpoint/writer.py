@@ -44,10 +44,10 @@ def atomic_directory(out: "str | Path", overwrite: bool = False) -> Iterator[Pat
     from ..leftovers import hidden_path, install_terminate_handler, remove, remove_stale
 
     out = Path(out).absolute()
+    remove_stale(out)  # first: a killed run's replaced output is renamed back, and then counts as existing
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
     tmp = hidden_path(out, "partial")
     restore = install_terminate_handler()
     old: Optional[Path] = None

@@ -38,6 +38,22 @@ def init_tp(tp: int, device: "str | torch.device" = "cpu", timeout_s: float = DE
     return TPGroup(rank, world, dist.group.WORLD, exact_int8_reduce)
 
 
+def launcher_rank() -> Optional[int]:
+    """This process's rank when a launcher (torchrun) started it, else None. WORLD_SIZE alone (some job
+    schedulers export it) is an error naming what is missing, not a KeyError."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RankError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not: launch with "
+                        f"torchrun, or unset WORLD_SIZE to let qavatar start the ranks itself")
+    try:
+        return int(os.environ["RANK"])
+    except ValueError:
+        raise RankError(f"RANK={os.environ['RANK']!r} is not a rank number") from None
+
+
 def init_world(world: int, what: str, device: "str | torch.device" = "cpu",
                timeout_s: float = DEFAULT_TIMEOUT_S, backend: Optional[str] = None) -> tuple[int, int]:
     """Join the `world`-rank process group described in the environment (what: the flags that asked for it,

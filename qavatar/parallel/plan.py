@@ -9,6 +9,7 @@ injection, head) and is checked against allocations measured on CPU (tests/test_
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Optional
@@ -90,6 +91,8 @@ class Plan:
     sink_tokens: int
     ranks: list[RankPlan]
     activation_detail: dict[str, int]
+    host_rank: int = 0  # runs the encoders on GPU (--t5/--wav2vec2 gpu)
+    vae_at: int = 0  # decodes (the host rank, or a rank beyond the DiT's)
 
     @property
     def worst(self) -> RankPlan:
@@ -147,6 +150,25 @@ def _full_tree(cfg: ModelConfig, precision: str, stored_key: Optional[tuple]) ->
     return tuple(out)
 
 
+def stored_layers(cfg: ModelConfig, raw_config: dict, dit_dir=None) -> Optional[dict[str, tuple[int, ...]]]:
+    """PlanRequest.stored for a quantized checkpoint: its header shapes when its weights are here (exact: the
+    static and smoothing scales too), else the Linears its quantization_config does not `ignore` (a Hub config.json
+    alone). None for a bf16 checkpoint. The default tree would miss layers kept bf16 by --ignore/--auto-skip."""
+    qc = raw_config.get("quantization_config")
+    if not qc:
+        return None
+    if dit_dir is not None:
+        from ..checkpoint.reader import CheckpointReader
+
+        reader = CheckpointReader(dit_dir)
+        return {k: tuple(reader.shape(k)) for k in reader.keys()}
+    ignore = set(qc.get("ignore") or ())
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {f"{n}.weight_scale": (m.out_features, 1) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n not in ignore}
+
+
 def key_stage(cfg: ModelConfig, key: str, ranges: list[tuple[int, int]]) -> int:
     """The layer stage holding a parameter: its DiT layer's (an audio injector goes with the layer it follows),
     the head on the last stage, every embedding and encoder (patch, cond, text, time, audio, FramePack) on the
@@ -200,11 +222,19 @@ def _weight_bytes(cfg: ModelConfig, precision: str, compute_dtype: str, stored_k
 
 
 # ------------------------------------------------------------------------------------------ activations
+def parse_hw(size: str) -> tuple[int, int]:
+    """`plan --size`: '704*384' (or 704x384) -> (704, 384) pixels."""
+    m = re.fullmatch(r"\s*(\d+)\s*[*xX]\s*(\d+)\s*", str(size))
+    if not m:
+        raise ConfigError(f"--size {size!r}: expected H*W in pixels, e.g. --size 704*384")
+    return int(m.group(1)), int(m.group(2))
+
+
 def token_counts(cfg: ModelConfig, size: tuple[int, int]) -> tuple[int, int, int]:
     """(tokens per latent frame, sink tokens, latent H, W) for a pixel size."""
     h, w = size
     if h % 16 or w % 16:
-        raise ConfigError(f"size {h}x{w}: sides must be multiples of 16 (the VAE's 8 and the patch's 2)")
+        raise ConfigError(f"--size {h}*{w}: sides must be multiples of 16 (the VAE's 8 and the patch's 2)")
     lat_h, lat_w = h // 8, w // 8
     fs = cfg.tokens_per_frame(lat_h, lat_w)
     sink = fs + sum(len(g) for g in framepack_positions(cfg.framepack_buckets, lat_h, lat_w))
@@ -379,7 +409,13 @@ def make_plan(req: PlanRequest) -> Plan:
     cfg = req.config
     stages, tp = layout(req)
     compute, kv = DTYPES[req.compute_dtype], DTYPES[req.kv_dtype]
-    TPGroup(0, tp).shard(cfg.num_heads, "num_heads")  # a clear error for degrees that split a head
+    if cfg.num_heads % tp:  # a degree that splits a head: name the flags that fix it
+        valid = [str(d) for d in valid_degrees(cfg, 8)]
+        fix = (f"use --pp {req.gpus} (layer stages, any number up to {cfg.num_layers}), or " if req.pp == 1 and
+               not req.replicated_dit and req.gpus <= cfg.num_layers else "use ")
+        raise ConfigError(f"--gpus {req.gpus}{f' --pp {req.pp}' if req.pp > 1 else ''}: a tensor-parallel degree "
+                          f"of {tp} splits the {cfg.num_heads} attention heads; {fix}a TP degree of "
+                          f"{', '.join(valid)} per stage")
     fs, lc, _ = token_counts(cfg, req.size)
     params = sum(math.prod(s) for k, s, tag in _full_tree(cfg, "bf16", None))
     c = _bytes(compute)
@@ -427,7 +463,8 @@ def make_plan(req: PlanRequest) -> Plan:
             if (req.vae == "gpu" and host and dit_ranks == req.gpus) else 0
         b["reserve"] = RESERVE_BYTES
         ranks.append(RankPlan(rank, b))
-    return Plan(req, tp, params, fs, lc, ranks, act_detail)
+    return Plan(req, tp, params, fs, lc, ranks, act_detail, host_rank,
+                vae_at=host_rank if dit_ranks == req.gpus else req.gpus - 1)
 
 
 def _fmt(n: int) -> str:
@@ -458,8 +495,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"{verdict}: largest rank {plan.peak_bytes_per_rank / GiB:.2f} GiB of {req.vram / GiB:.0f} GiB "
                  f"({'headroom' if plan.fits else 'short by'} {abs(plan.headroom) / GiB:.2f} GiB); reserve "
                  f"{RESERVE_BYTES / GiB:.1f} GiB for CUDA context, workspaces and fragmentation included")
-    host = plan.tp - 1 if req.pp > 1 else (req.gpus - 1 if not req.vae_rank else req.gpus - 2)
-    vae_at = req.gpus - 1 if req.vae_rank else host
+    host, vae_at = plan.host_rank, plan.vae_at
     notes = ["T5 on " + (f"rank {host}" if req.t5 == "gpu" else "CPU (prompt embeddings cached on disk)"),
              "wav2vec2 on " + (f"rank {host}" if req.wav2vec2 == "gpu" else "CPU"),
              "VAE decode on " + (f"rank {vae_at}" if req.vae == "gpu" else "CPU") + " (activation estimate)"]
@@ -507,6 +543,11 @@ def choose_layout(req: PlanRequest, gpu: str = "rtx4090", link_gbps: Optional[fl
     options = [o for o in layouts(base, profile)
                if (world is None or o.gpus == world) and (allow_vae_rank or o.vae != "rank")]
     best = recommended(options)
+    if not options:  # not memory: no TP x PP split uses exactly this many ranks
+        raise ConfigError(f"{base.gpus} ranks cannot be split as TP x PP for this model ({req.config.num_heads} "
+                          f"heads, {req.config.num_layers} layers): start a number of ranks that is a TP degree "
+                          f"dividing the heads times at most {req.config.num_layers} stages (--gpus, or "
+                          f"torchrun --nproc-per-node)")
     if best is None:
         raise ConfigError(f"no layout of {base.gpus} GPU(s) fits {base.vram / GiB:.0f} GiB per GPU at "
                           f"{base.precision} {base.size[0]}x{base.size[1]}; try fp8, --kv-dtype fp8 or more GPUs")

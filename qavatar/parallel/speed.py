@@ -155,16 +155,22 @@ PROFILES: dict[str, GpuProfile] = {
 PROFILE_NUMBERS = ("bf16_tflops", "int8_tops", "fp8_tflops", "memory_gbps", "link_gbps", "memory_gib")
 
 
-# substrings of torch.cuda.get_device_name() -> profile (the first that matches)
-_DEVICE_NAMES = (("4090", "rtx4090"), ("3090", "rtx3090"), ("L40S", "l40s"), ("H200", "h200"),
-                 ("H100 PCIe", "h100-pcie"), ("H100", "h100-sxm"), ("A100-PCIE", "a100-pcie"), ("A100", "a100-sxm"))
+# substrings of torch.cuda.get_device_name(), lower case -> profile (the first that matches). A100/H100 come as
+# SXM or PCIe cards ("NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA H100 PCIe"); the H100 NVL is a
+# PCIe card whose NVLink bridge joins pairs only, so it is planned as PCIe.
+_DEVICE_NAMES = (("4090", "rtx4090"), ("3090", "rtx3090"), ("l40s", "l40s"), ("h200", "h200"))
+_PCIE_OR_SXM = (("h100", "h100"), ("a100", "a100"))
 
 
 def profile_for_device(device_name: str) -> Optional[str]:
     """The profile of a GPU by its CUDA name, or None for one the table does not know."""
-    for part, name in _DEVICE_NAMES:
-        if part.lower() in device_name.lower():
-            return name
+    name = device_name.lower()
+    for part, profile in _DEVICE_NAMES:
+        if part in name:
+            return profile
+    for part, family in _PCIE_OR_SXM:
+        if part in name:
+            return f"{family}-pcie" if ("pcie" in name or " nvl" in name) else f"{family}-sxm"
     return None
 
 
@@ -326,4 +332,10 @@ def format_layouts(req, gpu: GpuProfile, options: list[LayoutEstimate], best: Op
         lines.append(f"* fastest that fits: tp={o.tp} pp={o.pp}, VAE {'on its own rank' if o.vae == 'rank' else o.vae}"
                      f" ({o.fps:.1f} fps predicted; MB sent = the busiest rank's payload per block, before the ring"
                      f" algorithm's 2(T-1)/T)")
+        if o.vae == "rank":  # the reference's 5th-GPU decode: planned, not a layout infer starts
+            runnable = [i for i, x in enumerate(options) if x.vae != "rank"]
+            r = recommended([options[i] for i in runnable])
+            alt = (f"the fastest it runs: tp={options[runnable[r]].tp} pp={options[runnable[r]].pp} "
+                   f"({options[runnable[r]].fps:.1f} fps)" if r is not None else "none of its layouts fits")
+            lines.append(f"  VAE on its own rank is planned only: `qavatar infer` decodes on the host rank; {alt}")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..model.streaming import BlockInputs, StreamingSession, flow_match_schedule, rolled_condition, stream_sequential
 from ..pipeline.latents_out import check_latents_out, save_stream_latents
 from .group import ByteCounter, TPGroup
-from .launch import init_tp, spawn_ranks
+from .launch import init_tp, launcher_rank, spawn_ranks
 from .load import load_rank
 from .pipeline import PipeGroup, PipelineStage, check_layout, init_pipeline, schedule_for
 from .stages import stage_layers
@@ -126,7 +126,8 @@ def _rank_main(rank: int, args: argparse.Namespace) -> dict:
                          kv_dtype=kv_storage_dtype(args.kv_dtype), compile=args.compile)
     if args.latents_out and rep.latents is not None and group.rank == (group.tp.size if args.pp > 1 else group.size) - 1:
         # the host rank, as in qavatar infer (the first stage's last TP rank)
-        save_stream_latents(args.latents_out, rep.latents, args.checkpoint, args.seed, args.tp, args.size, args.blocks)
+        save_stream_latents(args.latents_out, rep.latents, args.checkpoint, args.seed, args.tp, args.size, args.blocks,
+                            args.pp, args.kv_dtype)
     out = {"rank": rep.rank, "seconds_per_block": rep.seconds_per_block, "bytes_read": rep.bytes_read,
            "held_bytes": rep.held_bytes, "cache_bytes": rep.cache_bytes, "bytes_sent": rep.bytes_sent}
     if rep.latents is not None:
@@ -215,8 +216,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     check_args(args)
     check_latents_out(args.latents_out, args.overwrite)
-    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
-        reports = [_rank_main(int(os.environ["RANK"]), args)]
+    if (rank := launcher_rank()) is not None:  # under torchrun: this process is one rank
+        reports = [_rank_main(rank, args)]
     elif args.tp * args.pp > 1:
         reports = spawn_ranks(_rank_main, args.tp * args.pp, args=(args,), timeout_s=args.timeout)
     else:

@@ -98,13 +98,23 @@ def _say(msg: str) -> None:
         print(f"qavatar: {msg}", file=sys.stderr)
 
 
+def _scheme_words(precision: str) -> str:
+    return "weight-only" if precision.endswith("-wo") else "W8A8: weights and activations in 8 bits"
+
+
+def _fp8_tensor_cores(device: str) -> bool:
+    if device != "cuda":
+        return False
+    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0"))) >= (8, 9)
+
+
 def resolve_precision(requested: Optional[str], stored: str, device: str) -> tuple[Optional[str], list[str]]:
     """(precision to quantize to at load, or None; notes). Raises for combinations that cannot work."""
     notes = []
     family = stored.split("-")[0]
     want = requested or stored
     if want not in ("bf16", "int8", "fp8", "int8-wo", "fp8-wo"):
-        raise ConfigError(f"--precision {want}: choose bf16, int8 or fp8")
+        raise ConfigError(f"--precision {want}: choose bf16, int8, fp8, int8-wo or fp8-wo")
     runtime = None
     if stored == "bf16":
         if want != "bf16":
@@ -117,6 +127,10 @@ def resolve_precision(requested: Optional[str], stored: str, device: str) -> tup
     elif want.split("-")[0] != family:
         raise ConfigError(f"--precision {want} but the checkpoint is {stored}; use --precision {family} or a "
                           f"{want} checkpoint")
+    elif want != stored and not (want == "fp8-wo" and stored == "fp8" and not _fp8_tensor_cores(device)):
+        # the scheme is fixed by what was stored (W8A8 vs weight-only): never run another one without a word
+        raise ConfigError(f"--precision {want} but the checkpoint is {stored} ({_scheme_words(stored)}); use "
+                          f"--precision {stored}, or `qavatar quantize --precision {want}` from the bf16 checkpoint")
     fp8 = (runtime or stored).startswith("fp8") and not (runtime or stored).endswith("-wo")
     if fp8 and device == "cuda":  # this rank's GPU (under torchrun), not a context on GPU 0 for every rank
         cap = torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))
@@ -210,13 +224,14 @@ def prepare(req: InferRequest) -> Prepared:
 
     check_weights(parts.dit)  # config, LoRA and manifest sizes, from headers: before minutes of encoders
     check_output(req.out, req.overwrite)  # exists without --overwrite, not writable; stale leftovers removed
-    req, lnotes = resolve_layout(req, cfg, runtime or parts.precision, (height, width), device)
+    stored = None if runtime else {k: tuple(reader.shape(k)) for k in reader.keys()}  # layers kept bf16 count
+    req, lnotes = resolve_layout(req, cfg, runtime or parts.precision, (height, width), device, stored)
     return Prepared(req, parts, cfg, device, height, width, plan.clips, plan.blocks, plan.frames, seconds, runtime,
                     noise, notes + pnotes + lnotes)
 
 
-def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tuple[int, int],
-                   device: str) -> tuple[InferRequest, list[str]]:
+def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tuple[int, int], device: str,
+                   stored: Optional[dict] = None) -> tuple[InferRequest, list[str]]:
     """The (tp, pp) to run: as given, or, when more ranks are started (torchrun's WORLD_SIZE, or --gpus) than
     --tp/--pp ask for and neither was given, the planner's fastest layout that fits (`qavatar plan --gpu`)."""
     import dataclasses
@@ -241,7 +256,8 @@ def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tu
     if plan_precision == "fp8" and device == "cuda" and torch.cuda.get_device_capability(local) < (8, 9):
         plan_precision = "fp8-wo"  # no fp8 matmul on this GPU: the weights are dequantized per call
     tp, pp = choose_layout(PlanRequest(cfg, gpus=world, vram=vram, precision=plan_precision, size=size,
-                                       steps=req.sample_steps, kv_dtype=req.kv_dtype), gpu, world=world)
+                                       steps=req.sample_steps, kv_dtype=req.kv_dtype,
+                                       stored=stored if precision != "bf16" else None), gpu, world=world)
     return dataclasses.replace(req, tp=tp, pp=pp), [f"layout auto: --pp {pp} --tp {tp} on {world} ranks, the "
                                                      f"planner's fastest that fits ({why})"]
 
@@ -472,13 +488,14 @@ def generate(state: RankState, prep: Prepared, side: Optional[_Host],
 
 def infer(req: InferRequest, on_frames: Optional[Callable[[torch.Tensor], None]] = None) -> list[RankResult]:
     """Run a whole inference; returns every rank's result (the host's last)."""
-    from ..parallel.launch import spawn_ranks
+    from ..parallel.launch import launcher_rank, spawn_ranks
 
+    rank = launcher_rank()  # before minutes of checks: a broken launcher environment is the first error
     prep = prepare(req)
     for n in prep.notes:
         _say(n)
-    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
-        return [run_rank(int(os.environ["RANK"]), prep, on_frames)]
+    if rank is not None:  # under torchrun: this process is one rank
+        return [run_rank(rank, prep, on_frames)]
     if prep.world == 1:
         return [run_rank(0, prep, on_frames)]
     from ..leftovers import install_terminate_handler

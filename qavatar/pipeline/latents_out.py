@@ -1,7 +1,8 @@
 """`--latents-out FILE`: the generated latents of a run, as one safetensors file.
 
     latents   float32 [B, C, F_total, H, W]: every block in order, concatenated along the frame axis
-    metadata  seed, precision, tp, size (pixel H*W), blocks, frames_per_block, sample_steps (strings)
+    metadata  seed, precision, tp, pp, kv_dtype, noise, size (pixel H*W), blocks, frames_per_block, sample_steps
+              (strings)
 
 The latents are what tensor parallelism keeps bit-identical (int8 all-reduces exact integer partial sums);
 decoded frames also depend on the float kernels of the VAE and their thread count, so comparisons of runs
@@ -14,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..checkpoint.writer import PARTIAL_MARK
 from ..errors import QavatarError
+from ..leftovers import hidden_path, remove_stale
 
 KEY = "latents"
 
@@ -36,6 +36,7 @@ def check_latents_out(path: "str | Path | None", overwrite: bool = False) -> Non
     if path is None:
         return
     p = Path(path)
+    remove_stale(p)  # what a killed run's writer left (a replaced file is renamed back)
     if p.is_dir():
         raise LatentsOutError(f"--latents-out {p} is a directory; give a file name such as {p / 'latents.safetensors'}")
     if not p.parent.is_dir():
@@ -56,7 +57,7 @@ class LatentsWriter:
                   KEY: {"dtype": "F32", "shape": list(self.shape), "data_offsets": [0, nbytes]}}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.tmp = self.path.parent / f".{self.path.name}{PARTIAL_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.tmp = hidden_path(self.path, "partial")  # the name leftovers.remove_stale knows
         self._f = open(self.tmp, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._data = 8 + len(raw)
@@ -125,12 +126,12 @@ def open_for_run(prep, tp: int) -> Optional[LatentsWriter]:
     fpb = prep.cfg.num_frames_per_block
     h, w = prep.latent_hw
     meta = run_metadata(req.seed, prep.runtime_quant or prep.parts.precision, tp, f"{prep.height}*{prep.width}",
-                        prep.blocks, fpb, req.sample_steps)
+                        prep.blocks, fpb, req.sample_steps, pp=req.pp, kv_dtype=req.kv_dtype, noise=prep.noise)
     return LatentsWriter(req.latents_out, (1, prep.cfg.in_dim, prep.blocks * fpb, h, w), meta)
 
 
 def save_stream_latents(path: "str | Path", latents: torch.Tensor, checkpoint: "str | Path", seed: int, tp: int,
-                        size: str, blocks: int) -> Path:
+                        size: str, blocks: int, pp: int = 1, kv_dtype: str = "bf16") -> Path:
     """`python -m qavatar.parallel.stream --latents-out FILE` (its host rank): the same file as infer's."""
     from ..checkpoint.load import find_dit_dir
     from ..checkpoint.reader import CheckpointReader
@@ -139,5 +140,6 @@ def save_stream_latents(path: "str | Path", latents: torch.Tensor, checkpoint: "
     qc = (CheckpointReader(find_dit_dir(checkpoint)).config or {}).get("quantization_config") or {}
     precision = qc.get("qavatar", {}).get("scheme", {}).get("precision", "int8") if qc else "bf16"
     meta = run_metadata(seed, precision, tp, size, blocks, latents.shape[2] // max(blocks, 1),
-                        len(flow_match_schedule()[0]), inputs="seeded random (qavatar.parallel.stream)")
+                        len(flow_match_schedule()[0]), pp=pp, kv_dtype=kv_dtype,
+                        inputs="seeded random (qavatar.parallel.stream)")
     return save_latents(path, latents, meta)
