@@ -46,6 +46,19 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def check_not_a_source(out: "str | Path", sources: dict) -> None:
+    """OUT is none of the inputs (named by what they are), nor a folder holding one: replacing it would delete
+    them."""
+    target = Path(out).resolve()
+    for what, path in sources.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == target or target in p.parents:
+            raise OutputError(f"--out {out} {'is' if p == target else 'holds'} {what} ({p}); writing there would "
+                              f"delete it: choose another output directory")
+
+
 def check_output(out: "str | Path", overwrite: bool, flag: str = "--out", planned_bytes: Optional[int] = None,
                  kind: str = "file") -> Path:
     """Refuse an existing output without --overwrite, an unwritable directory, too little free space.
@@ -97,7 +110,9 @@ def check_manifest_sizes(reader) -> bool:
         return False
     d = reader.directory
     names = [f.relative_to(d).as_posix() for f in reader.files if f.is_relative_to(d)]
-    problems = verify_manifest(d, hashes=False, only=names + ["config.json"])
+    # sizes of the weights (hashed while they are read); config.json, 1 KB, hashed now: a changed num_heads keeps
+    # the file's size and every tensor's shape
+    problems = verify_manifest(d, hashes=False, only=names) + verify_manifest(d, hashes=True, only=["config.json"])
     if problems:
         raise CheckpointError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                               + f"; the checkpoint differs from its {MANIFEST}: re-download or re-create it")

@@ -180,3 +180,21 @@ def test_infer_from_the_hub_with_encoders_from_another_repo(hub, ckpt, toy_ckpt,
                if q["method"] == "GET" and "/wan/s2v/resolve/" in q["path"]}
     assert "Wan2.1_VAE.pth" in fetched and "models_t5_umt5-xxl-enc-bf16.pth" in fetched
     assert not any(f.startswith("diffusion_pytorch_model") for f in fetched)  # only the encoders
+
+
+def test_a_bf16_checkpoint_is_not_published_as_a_quantized_one(toy_ckpt):
+    from qavatar.errors import CheckpointError
+    from qavatar.hub.push import validate_for_upload
+
+    with pytest.raises(CheckpointError, match="a bf16 checkpoint; push publishes qavatar-quantized ones"):
+        validate_for_upload(toy_ckpt / "Wan2.2-S2V-14B")
+
+
+def test_the_card_says_whether_the_lora_is_merged(ckpt, toy_ckpt, tmp_path):
+    from qavatar.hub.card import model_card
+
+    assert "the Wan2.2-S2V-14B DiT with the Live Avatar LoRA merged" in model_card(ckpt, "me/x")
+    base = quantize_checkpoint(toy_ckpt, tmp_path / "base", QuantConfig("int8"), calibration="none", lora=False,
+                               log=lambda s: None).out
+    card = model_card(base, "me/x")
+    assert "**without** the Live Avatar LoRA" in card and "LoRA merged" not in card

@@ -72,11 +72,11 @@ def inspect_checkpoint(path: "str | Path", config: Optional[str] = None, verify:
                               "replaces": len(lora.replacements), "valid": True}
         except QavatarError as e:
             report["lora"] = {"path": str(lora_path), "valid": False, "error": str(e)}
-    report["manifest"] = {"present": reader.has_manifest}
+    report["manifest"] = {"present": reader.has_manifest, "verify_requested": verify}
     if reader.has_manifest:
-        import json
+        from .integrity import manifest_hashes
 
-        listed = set(json.loads((dit_dir / MANIFEST).read_text()).get("files", {}))
+        listed = set(manifest_hashes(dit_dir))  # a damaged manifest: one CheckpointError line
         here = {p.relative_to(dit_dir).as_posix() for p in dit_dir.rglob("*") if p.is_file()}
         weights = {f.name for f in reader.files} | {"config.json"}
         # side files (report, statistics) may be left out of a download; weights and config may not
@@ -131,7 +131,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"lora        INVALID: {lora['error']}")
     m = r["manifest"]
     if not m["present"]:
-        lines.append("manifest    none (not written by qavatar)")
+        lines.append("manifest    none (not written by qavatar)" + (
+            ": no sha256 to verify against, only the headers were checked" if m.get("verify_requested") else ""))
     else:
         state = "; ".join(m["problems"]) if m["problems"] else (
             "sha256 verified" if m["hashes_checked"] else "sizes match (use --verify to hash)")

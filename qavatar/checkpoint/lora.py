@@ -12,6 +12,7 @@ or a wrong shape is an error, where the reference would skip the name silently.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,17 @@ class LoraTarget:
         return self.alpha / self.rank
 
 
+def _alpha(value, path: Path, what: str) -> float:
+    """A finite LoRA alpha (file metadata is a string; a NaN alpha would pass as a 'damaged checkpoint')."""
+    try:
+        a = float(value)
+    except (TypeError, ValueError):
+        raise LoraError(f"{path}: {what} {value!r} is not a number; pass --lora-alpha") from None
+    if not math.isfinite(a):
+        raise LoraError(f"{path}: {what} {value!r} is not finite; pass a finite --lora-alpha")
+    return a
+
+
 class LoraAdapter:
     def __init__(self, path: "str | Path", alpha: Optional[float] = None, default_alpha: Optional[float] = None):
         """alpha: explicit override; else a per-module `alpha` tensor, the file's `lora_alpha` metadata, or
@@ -90,10 +102,15 @@ class LoraAdapter:
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
                 raise LoraError(f"{self.path}: {module} lora_A {list(a_shape)} and lora_B {list(b_shape)} "
                                 f"do not share a rank")
+            if a_shape[0] < 1:
+                raise LoraError(f"{self.path}: {module} has LoRA rank 0 (lora_A {list(a_shape)}); the file holds no "
+                                f"adapter: re-export it")
             chosen = alpha if alpha is not None else alphas.get(module, file_alpha or default_alpha)
             if chosen is None:
                 raise LoraError(f"{self.path}: LoRA alpha unknown (no metadata); pass --lora-alpha")
-            self.targets[module] = LoraTarget(module, slot["A"], slot["B"], a_shape[0], float(chosen))
+            self.targets[module] = LoraTarget(module, slot["A"], slot["B"], a_shape[0],
+                                              _alpha(chosen, self.path, "--lora-alpha" if alpha is not None else
+                                                     "its alpha"))
 
     @property
     def weight_keys(self) -> set[str]:

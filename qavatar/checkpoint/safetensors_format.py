@@ -93,6 +93,13 @@ def read_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str], int
                                   f"expected {expect}")
         entries[name] = HeaderEntry(dtype, shape, begin, end)
         data_end = max(data_end, end)
+    cursor = 0  # tensors lie back to back from the data section's start, as the safetensors library requires
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if e.begin != cursor:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} starts at byte {e.begin} of the data, "
+                                  f"{'inside another tensor' if e.begin < cursor else 'after a gap'} (expected "
+                                  f"{cursor}); re-download or re-create it")
+        cursor = e.end
     if 8 + n + data_end > size:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, tensors need {8 + n + data_end}); "
                               f"re-download or re-create it")

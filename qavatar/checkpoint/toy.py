@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..errors import ConfigError
 from ..model import ModelConfig, build_model, resolve_config
 from .load import DIT_DIRNAME, LORA_RELPATH
 from .safetensors_format import SafetensorsWriter, TensorSpec
@@ -83,6 +84,10 @@ def make_toy_checkpoint(out: "str | Path", config: "str | ModelConfig" = "tiny",
                         lora_rank: int = 8, num_shards: int = 4, overwrite: bool = False,
                         encoders: bool = True) -> Path:
     """Write OUT (atomically) and return its path. encoders=False leaves out the VAE, umT5 and wav2vec2."""
+    if lora_rank < 1:
+        raise ConfigError(f"--lora-rank {lora_rank}: a LoRA has rank 1 or more (Live Avatar's is 128)")
+    if num_shards < 1:
+        raise ConfigError(f"num_shards {num_shards}: at least 1")
     cfg = resolve_config(config)
     specs = model_specs(cfg)
     shapes = {k: v.shape for k, v in specs.items()}

@@ -214,11 +214,12 @@ def verify_manifest(directory: Path, hashes: bool = True, only: Optional[list[st
     path = directory / MANIFEST
     if not path.is_file():
         return [f"{directory}: no {MANIFEST} (incomplete or not written by qavatar)"]
+    from .integrity import manifest_hashes
+
     try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError):
-        return [f"{path}: unreadable manifest"]
+        files = manifest_hashes(directory)
+    except CheckpointError as e:
+        return [str(e)]
     problems = []
     for rel, info in files.items():
         if only is not None and rel not in only:

@@ -62,12 +62,14 @@ def model_card(ckpt: "str | Path", repo_id: str) -> str:
                 f"{acts['type']}{acts['num_bits']}, per-{acts['strategy']}, "
                 f"{'dynamic' if acts.get('dynamic') else 'static (calibrated)'}"
                 + (", one scale per sampler step" if scheme.get("per_timestep") else ""))
+    lora_words = ("the Wan2.2-S2V-14B DiT with the Live Avatar LoRA merged" if qa.get("lora_merged", True) else
+                  "the Wan2.2-S2V-14B DiT **without** the Live Avatar LoRA (quantized with --no-lora: the base "
+                  "model, not the distilled 4-step one)")
     lines = [
         "---", meta.strip(), "---", "",
         f"# {repo_id}",
         "",
-        f"[Live Avatar](https://huggingface.co/Quark-Vision/Live-Avatar) (the Wan2.2-S2V-14B DiT with the Live Avatar "
-        f"LoRA merged) quantized to **{precision}** with [qavatar](https://github.com/qavatar/qavatar) "
+        f"[Live Avatar](https://huggingface.co/Quark-Vision/Live-Avatar) ({lora_words}) quantized to **{precision}** with [qavatar](https://github.com/qavatar/qavatar) "
         f"{qa.get('qavatar_version', __version__)}, to run on the GPUs people have: the DiT shards tensor-parallel, "
         f"so each rank holds only its slice.",
         "",
@@ -134,7 +136,8 @@ def model_card(ckpt: "str | Path", repo_id: str) -> str:
               "[Wan-AI/Wan2.2-S2V-14B](https://huggingface.co/Wan-AI/Wan2.2-S2V-14B) (about 12 GB, not the bf16 "
               "DiT); umT5 runs on the CPU and prompt embeddings are cached on disk.", "",
               "## Provenance", "",
-              f"- source weights sha256 `{qa.get('source_sha256', '')}`" + (
+              f"- source weights digest `{qa.get('source_sha256', '')}` (sha256 over every source tensor's key "
+              f"and bytes in read order, LoRA not applied; not a file hash)" + (
                   f", LoRA `{Path(qa['lora']).name}` sha256 `{qa.get('lora_sha256', '')}`" if qa.get("lora") else ""),
               "- every file's sha256 is in `qavatar-manifest.json`; qavatar verifies it after download.",
               f"- license: {LICENSE}, as the base model.", ""]

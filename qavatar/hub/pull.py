@@ -14,7 +14,7 @@ from ..checkpoint.writer import MANIFEST, verify_manifest
 from ..errors import CheckpointError
 
 _REPO = re.compile(r"^[\w.\-]+/[\w.\-]+(@[\w.\-/]+)?$")
-# what loading needs (not calibration_stats.safetensors, which only re-quantizing uses)
+# what loading needs (not calibration_stats.safetensors, a record of the calibration that loading never reads)
 # (a bf16 DiT needs its LoRA: fetched too when the repo holds it, where checkpoint.load.find_lora looks)
 WEIGHTS = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json",
            MANIFEST, "quantization_report.json", "README.md", "liveavatar.safetensors",
@@ -31,6 +31,11 @@ def looks_like_repo(spec: str) -> bool:
     return bool(_REPO.match(spec)) and not Path(spec.split("@")[0]).exists()
 
 
+def _not_local(spec: str) -> str:
+    """A path-like ORG/NAME (ckpt/Wan2.2-S2V-14B) is first a local path the user meant: say it is not here."""
+    return f"no such local directory ({Path.cwd() / spec.split('@')[0]}), and as a Hub repo: "
+
+
 def resolve_checkpoint(spec: "str | Path", files: str = "weights") -> Path:
     """A local path as it is; ORG/NAME[@REV] downloaded (files="weights", "config" or "encoders") and verified."""
     spec = str(spec)
@@ -45,9 +50,10 @@ def resolve_checkpoint(spec: "str | Path", files: str = "weights") -> Path:
         path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
                                       endpoint=os.environ.get("HF_ENDPOINT") or None))
     except LocalEntryNotFoundError:
-        raise CheckpointError(f"{spec}: not in the local cache and the Hub is unreachable (HF_HUB_OFFLINE?)") from None
+        raise CheckpointError(f"{spec}: {_not_local(spec)}not in the local cache and the Hub is unreachable "
+                              f"(HF_HUB_OFFLINE?)") from None
     except HfHubHTTPError as e:
-        raise CheckpointError(f"{spec}: download failed: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{spec}: {_not_local(spec)}download failed: {str(e).splitlines()[0]}") from None
     if files != "config":
         present = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
         if files == "encoders" and MANIFEST not in present:

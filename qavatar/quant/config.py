@@ -88,6 +88,15 @@ class QuantConfig:
         """True when module `name` is quantized by default and not ignored."""
         return is_default_target(name) and not any(fnmatch.fnmatchcase(name, g) for g in self.ignore)
 
+    def check_ignore(self, linear_names: list[str]) -> None:
+        """Every --ignore pattern names at least one Linear that would be quantized: a typo (a `.weight`
+        suffix, a wrong block number) would otherwise quantize the layer meant to stay bf16, without a word."""
+        targets = [n for n in linear_names if is_default_target(n)]
+        for g in self.ignore:
+            if not any(fnmatch.fnmatchcase(n, g) for n in targets):
+                raise ConfigError(f"--ignore {g!r} matches none of the {len(targets)} Linears quantized (module "
+                                  f"names such as {targets[0]!r}, no '.weight'); fix the pattern or drop it")
+
     # ------------------------------------------------------------------ compressed-tensors description
     @property
     def storage_format(self) -> str:

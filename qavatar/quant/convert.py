@@ -9,7 +9,7 @@ Output (compressed-tensors style; what compressed-tensors itself can load, per s
         <m>.smooth_scale  fp32 [in]                           (SmoothQuant, when it could not be folded)
         everything else   bf16
     quantization_report.json       per-layer SQNR, decisions, end-to-end SQNR
-    calibration_stats.safetensors  the activation statistics (re-usable)
+    calibration_stats.safetensors  the activation statistics (a record for analysis; nothing reads it back yet)
     qavatar-manifest.json          sha256 of every file, written last
 SmoothQuant folds where the algebra allows: o's scale into the rows of v (attention is linear in V), the text
 cross-attention q's scale into norm3 (its only consumer); elsewhere it stays a runtime smooth_scale.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,9 @@ class _Source:
         def apply(rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
             if lora:
                 rows += self.merged.lora.delta(self.merged._targets[key], 0, r0, r1, a=a)
+                # the merged rows get the screen the stored ones had: a damaged LoRA value would otherwise set
+                # these rows' int8/fp8 scales, and round the rest of each row to zero
+                screen(f"{key} (rows {r0}-{r1 - 1})", rows, self.base.file_of(key), self.merged.lora.path)
             if div is not None:  # per output row (v's rows and bias; norm3 per channel)
                 rows /= div[r0:r1].reshape(-1, *([1] * (rows.dim() - 1)))
             check_finite(key, rows)
@@ -333,6 +337,20 @@ def source_record(dit_dir: Path) -> dict:
     return {"source": str(root), "source_check": check, "source_encoders": encoder_fingerprint(root)}
 
 
+def check_device(device: str) -> None:
+    """--device before anything is read: cpu, cuda or cuda:N, and a GPU this torch can use."""
+    if not (device == "cpu" or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise ConfigError(f"--device {device}: choose cpu, cuda or cuda:N")
+    if device != "cpu":
+        if not torch.cuda.is_available():
+            built = "a CPU-only build" if not torch.backends.cuda.is_built() else "a CUDA build that sees no GPU"
+            raise ConfigError(f"--device {device} but torch {torch.__version__} is {built}; use --device cpu, or "
+                              f"install torch for your CUDA version")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+
+
 def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfig,
                         calibration: "str | Path | None" = None, lora: "str | Path | bool | None" = True,
                         lora_alpha: Optional[float] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None,
@@ -342,6 +360,9 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
     """Merge the LoRA, calibrate (block-streamed), decide per layer, and write the quantized checkpoint."""
     from .dataset import BUNDLED, CalibrationSet
 
+    check_device(device)
+    if max_pairs is not None and max_pairs < 1:
+        raise ConfigError(f"--max-pairs {max_pairs}: calibrate on at least 1 pair (or --calibration none)")
     dit_dir = find_dit_dir(src)
     weights, cfg, lora_path = open_weights(dit_dir, lora, lora_alpha)
     raw_config = (weights.base if isinstance(weights, MergedWeights) else weights).config
@@ -350,6 +371,12 @@ def quantize_checkpoint(src: "str | Path", out: "str | Path", config: QuantConfi
     if lora is True and lora_path is None:
         raise missing_lora_error(dit_dir)  # lora=False quantizes the base weights alone, on purpose
     check_keys(weights, model_shapes(cfg), str(dit_dir))
+    config.check_ignore(_linear_names(cfg))
+    from ..preflight import check_not_a_source
+
+    # --overwrite replaces OUT whole: never when that would delete what this run reads
+    check_not_a_source(out, {"the source checkpoint": Path(src), "the source DiT": dit_dir, "the LoRA": lora_path,
+                             "the calibration set": Path(calibration) if calibration not in (None, "none") else None})
     preflight_quantize(weights, cfg, config, out, overwrite)  # cheap checks before hours of calibration
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     info: dict = {**source_record(dit_dir), "lora": str(lora_path.resolve()) if lora_path else None,

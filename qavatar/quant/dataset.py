@@ -61,14 +61,16 @@ class CalibrationSet:
             entries = raw["pairs"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CalibrationError(f"{path}: not a calibration manifest (needs a 'pairs' list)") from None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise CalibrationError(f"{path}: 'pairs' must be a list of objects like {{\"image\": ..., \"audio\": ...}}")
         if not entries:
             raise CalibrationError(f"{path}: the calibration set is empty")
         self.path, self.name = path, raw.get("name", path.parent.name)
         self.pairs: list[Pair] = []
         for i, e in enumerate(entries):
             name = e.get("name") or f"pair {i}"
-            if "image" not in e or "audio" not in e:
-                raise CalibrationError(f"{path}: {name} needs both 'image' and 'audio'")
+            if not (isinstance(e.get("image"), str) and isinstance(e.get("audio"), str)):
+                raise CalibrationError(f"{path}: {name} needs both 'image' and 'audio' (file names)")
             pair = Pair(name, path.parent / e["image"], path.parent / e["audio"], e.get("prompt") or DEFAULT_PROMPT)
             for kind in ("image", "audio"):
                 want = (e.get("sha256") or {}).get(kind)
