@@ -4,7 +4,9 @@ never a traceback, and images of every kind are read the way a photo viewer show
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -447,3 +449,148 @@ def test_bitsandbytes_noise_stays_off_the_console(tmp_path):
     r = _stderr_of("-c", "import torch; from qavatar.quant.kernels import pick_int8_kernel; "
                          "print(pick_int8_kernel(torch.device('cpu'), 32, 64, 64))")
     assert r.stdout.strip() == "bnb" and "gemm_4bit" not in r.stderr, r.stderr  # still used, quietly
+
+
+# --------------------------------------------------------------------- found by independent readers (stop 19)
+def _quantize(src, out, **kw):
+    from qavatar.quant import QuantConfig
+    from qavatar.quant.convert import quantize_checkpoint
+
+    return quantize_checkpoint(src, out, QuantConfig("int8", ignore=kw.pop("ignore", ())),
+                               calibration=kw.pop("calibration", "none"), log=lambda s: None, **kw)
+
+
+def _lora_with(toy_ckpt, tmp_path, edit, meta_edit=None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(toy_ckpt / "LiveAvatar" / "liveavatar.safetensors"), "pt") as f:
+        meta, sd = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    edit(sd)
+    if meta_edit:
+        meta_edit(meta)
+    path = tmp_path / f"lora-{len(list(tmp_path.glob('lora-*')))}.safetensors"
+    save_file(sd, str(path), meta)
+    return path
+
+
+def test_quantize_never_overwrites_what_it_reads(toy_ckpt, tmp_path):
+    from qavatar.errors import QavatarError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_ckpt, ckpt)
+    before = sorted(p.relative_to(ckpt) for p in ckpt.rglob("*"))
+    for out, says in [(ckpt, "is the source checkpoint"), (ckpt / "Wan2.2-S2V-14B", "is the source DiT"),
+                      (tmp_path, "holds the source checkpoint")]:
+        with pytest.raises(QavatarError, match=f"--out .* {says} .*writing there would delete it"):
+            _quantize(ckpt, out, overwrite=True)
+    assert sorted(p.relative_to(ckpt) for p in ckpt.rglob("*")) == before
+    r = runner.invoke(app, ["quantize", str(ckpt), "--out", str(ckpt), "--overwrite", "--calibration", "none"])
+    _one_line_error(r, "is the source checkpoint")
+
+
+def test_a_damaged_lora_value_is_refused_by_quantize_without_calibration(toy_ckpt, tmp_path):
+    def damage(sd):
+        k = next(k for k in sd if "lora_A" in k)
+        sd[k] = sd[k].clone()
+        sd[k][0, 0] = 1e4  # one value: without the screen it would set its rows' int8 scales
+
+    with pytest.raises(CheckpointError, match=r"\(rows .*\) holds .* its typical magnitude .*after merging the LoRA"):
+        _quantize(toy_ckpt, tmp_path / "q", lora=_lora_with(toy_ckpt, tmp_path, damage))
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_changed_config_is_caught_by_the_manifest(toy_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_ckpt, ckpt)
+    cfg = ckpt / "Wan2.2-S2V-14B" / "config.json"
+    text = cfg.read_text()
+    heads = json.loads(text)["num_heads"]
+    cfg.write_text(text.replace(f'"num_heads": {heads}', f'"num_heads": {heads * 2}'))  # same size, same shapes
+    assert len(cfg.read_text()) == len(text) and json.loads(cfg.read_text())["num_heads"] == 2 * heads
+    with pytest.raises(CheckpointError, match="config.json: sha256 differs from qavatar-manifest.json"):
+        _quantize(ckpt, tmp_path / "q")
+
+
+@pytest.mark.parametrize("glob", ["blocks.0.self_attn.q.weight", "blocks.99.*", "head.head"])
+def test_an_ignore_pattern_that_matches_no_quantized_linear_is_an_error(toy_ckpt, tmp_path, glob):
+    from qavatar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--ignore '{re.escape(glob)}' matches none of the"):
+        _quantize(toy_ckpt, tmp_path / "q", ignore=(glob,))
+
+
+def test_lora_rank_and_alpha_are_checked(toy_ckpt, tmp_path):
+    from qavatar.errors import LoraError
+
+    def rank0(sd):
+        a = next(k for k in sd if "lora_A" in k)
+        b = a.replace("lora_A", "lora_B")
+        sd[a], sd[b] = sd[a][:0].clone(), sd[b][:, :0].clone()
+
+    with pytest.raises(LoraError, match="has LoRA rank 0"):
+        _quantize(toy_ckpt, tmp_path / "q", lora=_lora_with(toy_ckpt, tmp_path, rank0))
+    words = _lora_with(toy_ckpt, tmp_path, lambda sd: None, lambda m: m.update(lora_alpha="sixty-four"))
+    with pytest.raises(LoraError, match="its alpha 'sixty-four' is not a number; pass --lora-alpha"):
+        _quantize(toy_ckpt, tmp_path / "q", lora=words)
+    with pytest.raises(LoraError, match="--lora-alpha nan is not finite"):
+        _quantize(toy_ckpt, tmp_path / "q", lora_alpha=float("nan"))
+    _one_line_error(runner.invoke(app, ["toy-checkpoint", str(tmp_path / "t"), "--lora-rank", "0"]),
+                    "--lora-rank 0: a LoRA has rank 1 or more")
+
+
+def test_quantize_checks_device_and_pairs_before_reading(toy_ckpt, tmp_path):
+    from qavatar.errors import ConfigError
+
+    for device, says in [("gpu", "--device gpu: choose cpu, cuda or cuda:N")] + (
+            [] if torch.cuda.is_available() else [("cuda", "--device cuda but torch .* is a CPU-only build")]):
+        with pytest.raises(ConfigError, match=says):
+            _quantize(toy_ckpt, tmp_path / "q", device=device)
+    for n in (0, -1):
+        with pytest.raises(ConfigError, match=f"--max-pairs {n}: calibrate on at least 1 pair"):
+            _quantize(toy_ckpt, tmp_path / "q", max_pairs=n, calibration=None)
+
+
+@pytest.mark.parametrize("pairs", ['["a.png"]', '{"a": 1}', '[{"image": 1, "audio": "a.wav"}]'])
+def test_a_calibration_manifest_of_the_wrong_shape_is_one_line(tmp_path, pairs):
+    from qavatar.errors import CalibrationError
+    from qavatar.quant.dataset import CalibrationSet
+
+    (tmp_path / "manifest.json").write_text(f'{{"pairs": {pairs}}}')
+    with pytest.raises(CalibrationError, match="manifest.json: .*(must be a list of objects|needs both)"):
+        CalibrationSet(tmp_path)
+
+
+@pytest.mark.parametrize("manifest", ['{"files": {"config.json": {', '{"files": {"config.json": {}}}', '[]',
+                                      '{"files": []}'])
+def test_inspect_of_a_damaged_manifest_is_one_line(toy_ckpt, tmp_path, manifest):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_ckpt / "Wan2.2-S2V-14B", ckpt)
+    (ckpt / "qavatar-manifest.json").write_text(manifest)
+    for args in ([], ["--verify"]):
+        _one_line_error(runner.invoke(app, ["inspect", str(ckpt), *args]), "unreadable manifest")
+
+
+def test_overlapping_tensors_in_a_safetensors_header_are_refused(tmp_path):
+    from qavatar.checkpoint.reader import CheckpointReader
+    from safetensors.torch import save_file
+
+    path = tmp_path / "two.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.zeros(4)}, str(path))
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["b"]["data_offsets"] = header["a"]["data_offsets"]  # b read from a's bytes
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    path.write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="tensor '[ab]' starts at byte 0 of the data, inside another tensor"):
+        CheckpointReader(path).get("b")
+
+
+def test_a_path_like_name_that_is_not_here_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    _one_line_error(runner.invoke(app, ["inspect", "ckpt/Wan2.2-S2V-14B"]),
+                    f"no such local directory ({tmp_path / 'ckpt' / 'Wan2.2-S2V-14B'}), and as a Hub repo")
