@@ -351,12 +351,15 @@ def push(ckpt: Path = typer.Argument(..., help="A complete qavatar checkpoint di
 def demo(out: Path = typer.Option(Path("qavatar-demo/demo.mp4"), help="The demo video; the toy checkpoints are "
                                                                        "written next to it."),
          seed: int = typer.Option(0, help="Seed for weights, noise and sink offsets."),
-         quiet: bool = typer.Option(False, "--quiet", help="No progress line.")) -> None:
-    """Run the embedded demo end to end on a toy checkpoint (no downloads): a talking-avatar mp4."""
+         quiet: bool = typer.Option(False, "--quiet", help="No progress line."),
+         overwrite: bool = typer.Option(False, help="Replace an --out (and toy-checkpoint*/ next to it) that an "
+                                                    "earlier demo did not write.")) -> None:
+    """Run the embedded demo end to end on a toy checkpoint (no downloads): a talking-avatar mp4. A rerun
+    replaces what the earlier demo wrote, and nothing else."""
     from .demo import run_demo
 
     try:
-        run_demo(out, seed=seed, print_fn=typer.echo, quiet=quiet)
+        run_demo(out, seed=seed, print_fn=typer.echo, quiet=quiet, overwrite=overwrite)
     except QavatarError as e:
         _fail(e)
 

@@ -60,6 +60,25 @@ def test_demo_writes_a_video_with_sound(tmp_path):
     assert r.exit_code == 0 and "reusing the toy checkpoint" in r.output
     assert not list((tmp_path / "demo").glob(".*partial*"))
 
+    from qavatar.demo import _DemoRecord
+
+    record = _DemoRecord(tmp_path / "demo")  # the toy weights' seed: another --seed rebuilds them
+    assert record.seed == 0 and record.wrote(tmp_path / "demo" / "toy-checkpoint") and record.wrote(out)
+    # what the demo did not write is never replaced without --overwrite (checked before any work)
+    notes = tmp_path / "demo" / "toy-checkpoint-fp8" / "notes.txt"
+    notes.write_text("mine")
+    mine = tmp_path / "demo" / "mine.mp4"
+    mine.write_bytes(b"my own video")
+    for args, path in [(["--out", str(out)], notes.parent), (["--out", str(mine)], mine)]:
+        r = runner.invoke(app, ["demo", *args, "--quiet"])
+        assert r.exit_code == 2 and r.output.strip() == (
+            f"error: {path} exists and was not written by an earlier `qavatar demo`; pass --overwrite to replace "
+            f"it, or choose another --out"), r.output
+    assert notes.read_text() == "mine" and mine.read_bytes() == b"my own video"
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "clip.mov")])
+    assert r.exit_code == 2 and "the demo writes an mp4; give NAME.mp4, or a directory" in r.output
+    assert not (tmp_path / "clip.mov").exists()
+
 
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "qavatar.cli", "--help"], capture_output=True, text=True)
