@@ -246,8 +246,9 @@ def infer(checkpoint: str = typer.Option(..., help="Checkpoint directory (bf16 o
           gpus: Optional[int] = typer.Option(None, help="Ranks to start (default: --tp x --pp, or torchrun's); "
                                                         "without --tp/--pp the planner picks the fastest layout "
                                                         "that fits (layout auto)."),
-          size: Optional[str] = typer.Option(None, help="Output area as H*W, e.g. 704*384; the aspect ratio "
-                                                        "follows the image, sides are multiples of 64."),
+          size: Optional[str] = typer.Option(None, help="Largest output area as H*W, e.g. 704*384; the aspect "
+                                                        "ratio follows the image, sides are multiples of 64, "
+                                                        "and a smaller image is not scaled up."),
           num_clip: Optional[int] = typer.Option(None, help="Clips of 48 frames (default: what the audio covers)."),
           sample_steps: int = typer.Option(4, help="Euler steps per block (the distilled model uses 4)."),
           seed: int = typer.Option(0, help="Seed of the noise and the sink offsets."),

@@ -32,6 +32,23 @@ def hidden_path(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+HIDDEN_EXTRA = len("..partial-") + 7 + 1 + 8  # what hidden_path adds to a name (pids up to 7 digits)
+
+
+def check_name_room(out: "str | Path", flag: str, error: type) -> None:
+    """The hidden work file beside `out` must be a legal name too: otherwise the run fails at its first write,
+    after minutes of work."""
+    out = Path(out)
+    try:
+        limit = os.pathconf(out.parent if out.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(out.name.encode()) + HIDDEN_EXTRA > limit:
+        raise error(f"{flag} {out.name[:40]}...: a name of {len(out.name.encode())} bytes is too long; at most "
+                    f"{limit - HIDDEN_EXTRA} here (qavatar writes a hidden .NAME.partial-PID-XXXXXXXX beside it "
+                    f"first): choose a shorter name")
+
+
 def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -59,14 +59,28 @@ def check_not_a_source(out: "str | Path", sources: dict) -> None:
                               f"delete it: choose another output directory")
 
 
+def check_distinct(paths: dict) -> None:
+    """No output is also another output or an input (--out = --latents-out, or --out = --image with
+    --overwrite, would silently replace one with the other)."""
+    seen: dict = {}
+    for flag, value in paths.items():
+        if not value:
+            continue
+        p = Path(value).resolve()
+        if p in seen:
+            raise OutputError(f"{flag} and {seen[p]} are the same file ({p}); give the output its own name")
+        seen[p] = flag
+
+
 def check_output(out: "str | Path", overwrite: bool, flag: str = "--out", planned_bytes: Optional[int] = None,
                  kind: str = "file") -> Path:
     """Refuse an existing output without --overwrite, an unwritable directory, too little free space.
     kind 'file' needs the directory to exist; 'directory' creates missing parents later (checks the nearest
     existing one)."""
-    from .leftovers import remove_stale
+    from .leftovers import check_name_room, remove_stale
 
     out = Path(out).absolute()
+    check_name_room(out, flag, OutputError)
     remove_stale(out)  # first: a killed run's replaced output is renamed back, and then counts as existing
     if out.exists() and not overwrite:
         raise OutputError(f"{flag} {out} already exists; choose another output or pass --overwrite")

@@ -72,6 +72,10 @@ def test_big_endian_32_bit_and_float_images_are_scaled(tmp_path):
     px = _pixels(load_image(tmp_path / "i.tif"))
     assert px[0, 0, 0] == 7 and px[1, 1, 0] == 255
 
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).convert("I").save(tmp_path / "i8.tif")  # 8-bit, widened
+    assert Image.open(tmp_path / "i8.tif").mode == "I"
+    assert _pixels(load_image(tmp_path / "i8.tif"))[3, 3, 0] == 200  # not 200/257: black
+
     f = np.full((64, 64), 0.5, np.float32)
     f[0, 0] = 1.0
     Image.fromarray(f).save(tmp_path / "f.tif")

@@ -226,12 +226,28 @@ def test_bad_input_is_one_clear_error_and_leaves_out_alone(ckpts, tmp_path):
         (dict(precision="int8", ckpt="fp8"), ConfigError, "--precision int8 but the checkpoint is fp8"),
         (dict(device="cuda"), ConfigError, "no CUDA GPU is visible"),
         (dict(t5_precision="fp8"), ConfigError, "--t5-precision fp8: choose bf16 or int8"),
+        (dict(latents_out=out, overwrite=True), QavatarError, "--latents-out and --out are the same file"),
+        (dict(image=out, overwrite=True), QavatarError, "--image and --out are the same file"),
+        (dict(out=tmp_path / "o.mkv"), MediaError, "--out o.mkv: qavatar writes MP4 .H.264 and AAC.; name it o.mp4"),
+        (dict(seed=-1), ConfigError, "--seed -1: use a seed from 0 to 2\\*\\*63 - 1"),
+        (dict(seed=2 ** 64 - 1), ConfigError, "--seed 18446744073709551615: use a seed from 0"),
+        (dict(latents_out=tmp_path / ("n" * 240)), QavatarError, "is too long; at most"),
     ]
     for kw, err, msg in cases:
         ckpt = ckpts[kw.pop("ckpt", "bf16")]
         with pytest.raises(err, match=msg):
-            _run(ckpt, out, **kw)
+            _run(ckpt, kw.pop("out", out), **kw)
     assert out.read_bytes() == b"the previous video" and not list(tmp_path.glob(".*partial*"))
+
+
+def test_an_out_name_without_room_for_its_work_file_is_refused_up_front(ckpts, tmp_path):
+    out = tmp_path / ("n" * 245 + ".mp4")  # legal, but .NAME.partial-PID-XXXXXXXX is not
+    with pytest.raises(QavatarError, match="--out n{40}...: a name of 249 bytes is too long; at most 229"):
+        prepare(InferRequest(str(ckpts["bf16"]), str(IMAGE), str(SPEECH), "", str(out)))
+    ok = tmp_path / ("n" * 225 + ".mp4")
+    prepare(InferRequest(str(ckpts["bf16"]), str(IMAGE), str(SPEECH), "", str(ok)))
+    with open(tmp_path / f".{ok.name}.partial-4194304-0123abcd", "wb"):  # the longest work file it can make
+        pass
 
 
 def test_a_failure_mid_run_leaves_out_alone(ckpts, tmp_path, monkeypatch):

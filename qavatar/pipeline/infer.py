@@ -93,6 +93,9 @@ class Prepared:
         return self.height // 8, self.width // 8
 
 
+OTHER_CONTAINERS = (".mkv", ".webm", ".avi", ".mov", ".gif", ".flv", ".wmv", ".ts", ".mpg", ".mpeg", ".ogv")
+
+
 def _say(msg: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"qavatar: {msg}", file=sys.stderr)
@@ -180,7 +183,15 @@ def prepare(req: InferRequest) -> Prepared:
         raise MediaError(f"--out {out} is a directory; give a file name such as {out / 'out.mp4'}")
     if not out.parent.is_dir():
         raise MediaError(f"--out {out}: directory {out.parent} does not exist")
+    if out.suffix.lower() in OTHER_CONTAINERS:  # an .mkv holding MP4 bytes confuses players and tools
+        raise MediaError(f"--out {out.name}: qavatar writes MP4 (H.264 and AAC); name it {out.stem}.mp4 and "
+                         f"convert it with ffmpeg if you need {out.suffix}")
     check_latents_out(req.latents_out, req.overwrite)
+    from ..preflight import check_distinct
+
+    check_distinct({"--out": req.out, "--latents-out": req.latents_out, "--image": req.image, "--audio": req.audio})
+    if not 0 <= req.seed < 2 ** 63:  # clip k draws from seed + k: a torch generator takes at most 2**64 - 1
+        raise ConfigError(f"--seed {req.seed}: use a seed from 0 to 2**63 - 1")
 
     parts = locate(req.checkpoint, req.encoders)
     from ..checkpoint.load import require_lora
@@ -216,6 +227,10 @@ def prepare(req: InferRequest) -> Prepared:
     plan = plan_clips(len(wave), *_wav2vec_conv(parts.encoders / "wav2vec2-large-xlsr-53-english" / "config.json"),
                       fps=fps, clip_frames=clip_frames, block_frames=block_frames, num_clip=req.num_clip)
     notes = []
+    if height * width < area / 2:
+        notes.append(f"the video is {height}x{width}, under half the area of --size {req.size or 'default'}: the "
+                     f"{image.shape[1]}x{image.shape[2]} image is not scaled up (as in the reference); give a "
+                     f"larger image for a larger video")
     if req.num_clip is not None and req.num_clip > plan.audio_clips:
         notes.append(f"--num-clip {req.num_clip}: the audio covers {plan.audio_clips} clip(s); generating "
                      f"{plan.audio_clips}")

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import QavatarError
-from ..leftovers import hidden_path, remove_stale
+from ..leftovers import check_name_room, hidden_path, remove_stale
 
 KEY = "latents"
 
@@ -36,6 +36,7 @@ def check_latents_out(path: "str | Path | None", overwrite: bool = False) -> Non
     if path is None:
         return
     p = Path(path)
+    check_name_room(p, "--latents-out", LatentsOutError)
     remove_stale(p)  # what a killed run's writer left (a replaced file is renamed back)
     if p.is_dir():
         raise LatentsOutError(f"--latents-out {p} is a directory; give a file name such as {p / 'latents.safetensors'}")

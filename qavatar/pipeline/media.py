@@ -52,8 +52,8 @@ def _to_rgb8(path: Path, im) -> np.ndarray:
     """Any Pillow mode -> [H, W, 3] uint8 with each mode's full range mapped onto 0..255.
 
     Pillow's convert("RGB") clips 16- and 32-bit values at 255 (a 16-bit grayscale PNG turns white), so those
-    are scaled here: I;16* and I by 65535 (16-bit data, as PNG and TIFF store it), F from 0..1 (or 0..255 when
-    it goes above 1). Transparent pixels (an alpha channel, or a palette or colour key with transparency) are
+    are scaled here: I;16* and I by 65535 (16-bit data, as PNG and TIFF store it; I holding only 0..255 as
+    8-bit data), F from 0..1 (or 0..255 when it goes above 1). Transparent pixels (an alpha channel, or a palette or colour key with transparency) are
     composited onto white, not left as whatever colour the file keeps under them.
     """
     from PIL import Image
@@ -63,7 +63,10 @@ def _to_rgb8(path: Path, im) -> np.ndarray:
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise MediaError(f"{path}: {im.mode} pixel values span {a.min()}..{a.max()}, outside 0..65535; save it "
                              f"as an 8- or 16-bit image")
-        return np.repeat(np.round(a * (255 / 65535)).astype(np.uint8)[..., None], 3, axis=2)
+        # mode I (32-bit) with no value above 255 is 8-bit data widened (Image.convert("I") of a photo): as
+        # 16-bit it would load black. I;16 declares its depth, so it is always 16-bit.
+        scale = 1.0 if im.mode == "I" and a.size and a.max() <= 255 else 255 / 65535
+        return np.repeat(np.round(a * scale).astype(np.uint8)[..., None], 3, axis=2)
     if im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         if not np.isfinite(a).all() or (a.size and (a.min() < 0 or a.max() > 255)):

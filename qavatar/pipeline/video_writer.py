@@ -137,7 +137,10 @@ class Mp4Writer:
                     c.close()
             except Exception:
                 pass
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. a name the file system never accepted: there is nothing to remove
+            pass
 
     def __enter__(self) -> "Mp4Writer":
         return self
