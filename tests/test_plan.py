@@ -322,6 +322,6 @@ def test_a_checkpoint_is_planned_with_the_layers_it_kept_bf16(toy_ckpt, ckpts, t
     assert abs(held["config"] - held["headers"]) <= 0.01 * held["headers"]  # less the static/smoothing scales
     r = runner.invoke(app, ["plan", "--checkpoint", str(kept), "--gpus", "1", "--size", "128*64", "--json"])
     every = runner.invoke(app, ["plan", "--checkpoint", ckpts["int8"], "--gpus", "1", "--size", "128*64", "--json"])
-    w = {n: sum(v for k, v in json.loads(x.stdout)["breakdown"].items() if k.startswith(("weights", "scales", "params")))
-         for n, x in (("kept", r), ("every", every))}
+    w = {n: sum(v for k, v in json.loads(x.stdout)["breakdown"].items()
+                if k.startswith(("weights", "scales", "params"))) for n, x in (("kept", r), ("every", every))}
     assert w["kept"] > 1.1 * w["every"], w  # 47 of 62 Linears at 2 bytes, not 1

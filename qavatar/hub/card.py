@@ -69,7 +69,8 @@ def model_card(ckpt: "str | Path", repo_id: str) -> str:
         "---", meta.strip(), "---", "",
         f"# {repo_id}",
         "",
-        f"[Live Avatar](https://huggingface.co/Quark-Vision/Live-Avatar) ({lora_words}) quantized to **{precision}** with [qavatar](https://github.com/qavatar/qavatar) "
+        f"[Live Avatar](https://huggingface.co/Quark-Vision/Live-Avatar) ({lora_words}) quantized to "
+        f"**{precision}** with [qavatar](https://github.com/qavatar/qavatar) "
         f"{qa.get('qavatar_version', __version__)}, to run on the GPUs people have: the DiT shards tensor-parallel, "
         f"so each rank holds only its slice.",
         "",

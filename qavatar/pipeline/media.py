@@ -53,8 +53,9 @@ def _to_rgb8(path: Path, im) -> np.ndarray:
 
     Pillow's convert("RGB") clips 16- and 32-bit values at 255 (a 16-bit grayscale PNG turns white), so those
     are scaled here: I;16* and I by 65535 (16-bit data, as PNG and TIFF store it; I holding only 0..255 as
-    8-bit data), F from 0..1 (or 0..255 when it goes above 1). Transparent pixels (an alpha channel, or a palette or colour key with transparency) are
-    composited onto white, not left as whatever colour the file keeps under them.
+    8-bit data), F from 0..1 (or 0..255 when it goes above 1). Transparent pixels (an alpha channel, or a
+    palette or colour key with transparency) are composited onto white, not left as whatever colour the file
+    keeps under them.
     """
     from PIL import Image
 
