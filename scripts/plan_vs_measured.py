@@ -123,7 +123,7 @@ def main() -> None:
             stored = None
             if name != "bf16":
                 reader = CheckpointReader(find_dit_dir(path))
-                stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
+                stored = reader.shapes()
             for kv in args.kv.split(","):
                 for world in (int(w) for w in args.tp.split(",")):
                     t = time.perf_counter()

@@ -123,7 +123,7 @@ for _ in range(int(sys.argv[6])):  # 4 blocks fill the rolling window (the plann
 stored = None
 if not at_load:
     reader = CheckpointReader(path)
-    stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
+    stored = reader.shapes()
 plan = make_plan(PlanRequest(PRESETS[preset], gpus=4, precision=precision, size=size, compute_dtype="fp32",
                              kv_dtype="fp32", vae="cpu", stored=stored))
 b = plan.ranks[0].breakdown
@@ -194,7 +194,7 @@ with tracker:  # the sink prefill, then every call of `blocks` blocks through th
 run_s = time.perf_counter() - t
 calls = [e.end - e.start for e in stage.trace if e.step >= 0]
 reader = CheckpointReader(path)
-stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
+stored = reader.shapes()
 plan = make_plan(PlanRequest(cfg, gpus=4, pp=4, precision=precision, size=size, compute_dtype="fp32",
                              kv_dtype="fp32", vae="cpu", stored=stored))
 b = plan.ranks[0].breakdown

@@ -55,7 +55,7 @@ def inspect_checkpoint(path: "str | Path", config: Optional[str] = None, verify:
     }
     if cfg is not None:
         expected = model_shapes(cfg, quantization=report["quantization"],
-                                stored={k: tuple(reader.shape(k)) for k in reader.keys()})
+                                stored=reader.shapes())
         have = set(reader.keys())
         report["missing_keys"] = sorted(set(expected) - have)
         report["unexpected_keys"] = sorted(have - set(expected))

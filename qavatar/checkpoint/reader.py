@@ -101,6 +101,10 @@ class CheckpointReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entry(key)[1].shape
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{key: shape} from the headers: what a quantized skeleton or a plan is built from."""
+        return {k: self.shape(k) for k in self.keys()}
+
     def dtype(self, key: str) -> torch.dtype:
         return self._entry(key)[1].dtype
 

@@ -56,7 +56,7 @@ def validate_for_upload(ckpt: "str | Path") -> list[str]:
     if not raw.get("quantization_config"):  # the card, the tags and the usage all describe a quantized DiT
         raise CheckpointError(f"{ckpt}: a bf16 checkpoint; push publishes qavatar-quantized ones: run `qavatar "
                               f"quantize` on it and push the output")
-    stored = {k: tuple(reader.shape(k)) for k in reader.keys()}
+    stored = reader.shapes()
     check_keys(reader, model_shapes(from_wan_config(raw), quantization=raw.get("quantization_config"), stored=stored),
                str(ckpt))
     import json

@@ -161,7 +161,7 @@ def stored_layers(cfg: ModelConfig, raw_config: dict, dit_dir=None) -> Optional[
         from ..checkpoint.reader import CheckpointReader
 
         reader = CheckpointReader(dit_dir)
-        return {k: tuple(reader.shape(k)) for k in reader.keys()}
+        return reader.shapes()
     ignore = set(qc.get("ignore") or ())
     with torch.device("meta"):
         model = build_model(cfg)

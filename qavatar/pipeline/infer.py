@@ -106,9 +106,10 @@ def _scheme_words(precision: str) -> str:
 
 
 def _fp8_tensor_cores(device: str) -> bool:
-    if device != "cuda":
-        return False
-    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0"))) >= (8, 9)
+    """This rank's GPU (under torchrun) has fp8 matmul, not a context on GPU 0 for every rank."""
+    from ..quant.kernels import fp8_matmul_supported
+
+    return device == "cuda" and fp8_matmul_supported(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
 
 
 def resolve_precision(requested: Optional[str], stored: str, device: str) -> tuple[Optional[str], list[str]]:
@@ -135,13 +136,12 @@ def resolve_precision(requested: Optional[str], stored: str, device: str) -> tup
         raise ConfigError(f"--precision {want} but the checkpoint is {stored} ({_scheme_words(stored)}); use "
                           f"--precision {stored}, or `qavatar quantize --precision {want}` from the bf16 checkpoint")
     fp8 = (runtime or stored).startswith("fp8") and not (runtime or stored).endswith("-wo")
-    if fp8 and device == "cuda":  # this rank's GPU (under torchrun), not a context on GPU 0 for every rank
+    if fp8 and device == "cuda" and not _fp8_tensor_cores(device):
         cap = torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))
-        if cap < (8, 9):
-            notes.append(f"this GPU (sm{cap[0]}{cap[1]}) has no FP8 tensor cores: running the fp8 weights "
-                         f"weight-only (dequantized to bf16 per layer), with the same memory for weights")
-            if runtime:
-                runtime = "fp8-wo"
+        notes.append(f"this GPU (sm{cap[0]}{cap[1]}) has no FP8 tensor cores: running the fp8 weights "
+                     f"weight-only (dequantized to bf16 per layer), with the same memory for weights")
+        if runtime:
+            runtime = "fp8-wo"
     return runtime, notes
 
 
@@ -239,7 +239,7 @@ def prepare(req: InferRequest) -> Prepared:
 
     check_weights(parts.dit)  # config, LoRA and manifest sizes, from headers: before minutes of encoders
     check_output(req.out, req.overwrite)  # exists without --overwrite, not writable; stale leftovers removed
-    stored = None if runtime else {k: tuple(reader.shape(k)) for k in reader.keys()}  # layers kept bf16 count
+    stored = None if runtime else reader.shapes()  # layers kept bf16 count
     req, lnotes = resolve_layout(req, cfg, runtime or parts.precision, (height, width), device, stored)
     return Prepared(req, parts, cfg, device, height, width, plan.clips, plan.blocks, plan.frames, seconds, runtime,
                     noise, notes + pnotes + lnotes)
@@ -268,7 +268,7 @@ def resolve_layout(req: InferRequest, cfg: ModelConfig, precision: str, size: tu
         gpu = profile_for_device(name) or "rtx4090"
         why = f"{name} as {gpu}" + ("" if profile_for_device(name) else " (unknown GPU: the rtx4090 profile)")
     plan_precision = precision if precision in ("bf16", "int8", "fp8", "int8-wo", "fp8-wo") else "bf16"
-    if plan_precision == "fp8" and device == "cuda" and torch.cuda.get_device_capability(local) < (8, 9):
+    if plan_precision == "fp8" and device == "cuda" and not _fp8_tensor_cores(device):
         plan_precision = "fp8-wo"  # no fp8 matmul on this GPU: the weights are dequantized per call
     tp, pp = choose_layout(PlanRequest(cfg, gpus=world, vram=vram, precision=plan_precision, size=size,
                                        steps=req.sample_steps, kv_dtype=req.kv_dtype,

@@ -61,10 +61,9 @@ class QuantizeSummary:
 
 def parse_size(size: str) -> tuple[int, int]:
     """'704*384' -> (704, 384) pixel H, W; both multiples of 64 (the reference's rule)."""
-    try:
-        h, w = (int(v) for v in size.lower().replace("x", "*").split("*"))
-    except ValueError:
-        raise ConfigError(f"--size {size!r}: expected H*W, like 704*384") from None
+    from ..parallel.plan import parse_hw
+
+    h, w = parse_hw(size)
     if h <= 0 or w <= 0 or h % 64 or w % 64:
         raise ConfigError(f"--size {size}: sides must be positive multiples of 64")
     return h, w
